@@ -1,0 +1,35 @@
+"""sam_jax: Sharpness-Aware Minimization for language models in JAX.
+
+Optax transformations for SAM with an ascent micro-batch (Bahri et al. 2022),
+m-sharpness, δ-SAM instance reweighting (Zhou et al. 2022), FSAM's Fisher mask
+(Zhong et al. 2022), ASAM (Kwon et al. 2021) and per-instance SAM, plus the
+sharpness measures used to compare them.
+"""
+
+from sam_jax import sharpness
+from sam_jax.fisher import FisherMask
+from sam_jax.fisher import FisherMaskState
+from sam_jax.fisher import fisher_mask
+from sam_jax.per_instance import per_instance_sam
+from sam_jax.reweighting import InstanceReweighting
+from sam_jax.reweighting import delta_sam
+from sam_jax.reweighting import delta_sam_draft
+from sam_jax.transform import SamMetrics
+from sam_jax.transform import SamState
+from sam_jax.transform import sam
+
+__all__ = [
+    "FisherMask",
+    "FisherMaskState",
+    "InstanceReweighting",
+    "SamMetrics",
+    "SamState",
+    "delta_sam",
+    "delta_sam_draft",
+    "fisher_mask",
+    "per_instance_sam",
+    "sam",
+    "sharpness",
+]
+
+__version__ = "0.1.0"

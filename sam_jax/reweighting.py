@@ -1,0 +1,157 @@
+"""Instance weights for the ascent step: δ-SAM and its draft rule.
+
+δ-SAM (Zhou, Liu, Chen 2022) replaces SAM's uniform ascent batch by a
+reweighted one, so that the shared perturbation approximates per-instance
+perturbations, while the descent step stays unweighted. The weights are
+constants (no gradient flows through them) computed from a few forward passes
+under one random perturbation r per step.
+
+Every rule returns weights normalised to sum to 1. Since ε = ρ g / ‖g‖ is
+invariant to the scale of g, this leaves the papers' ε unchanged (their Eq. 6
+sums g_i l_i unnormalised) and makes uniform weights exactly SAM's 1/|M|.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sam_jax import perturbation
+
+# losses_at(params) -> per-example losses [a] on the ascent micro-batch, with
+# the same dropout key as the ascent pass.
+LossesAt = Callable[[perturbation.Params], jax.Array]
+
+
+class InstanceReweighting(NamedTuple):
+    """A rule that weights the examples of the ascent micro-batch.
+
+    Attributes:
+      name: the rule's name, for logs.
+      weights: `weights(losses_at, params, clean_losses, key, rho) -> [a]`, the
+        instance weights (summing to 1) given the per-example losses l_i(w) of
+        the ascent pass, a function evaluating the losses at other weights, and
+        a PRNG key for the random perturbation.
+    """
+
+    name: str
+    weights: Callable[..., jax.Array]
+
+
+def normalize(scores: jax.Array) -> jax.Array:
+    """scores / Σ scores; uniform when the scores are all zero (or not finite)."""
+    total = jnp.sum(scores)
+    valid = jnp.isfinite(total) & (total > 0)
+    uniform = jnp.full_like(scores, 1.0 / scores.shape[0])
+    return jnp.where(valid, scores / jnp.where(valid, total, 1.0), uniform)
+
+
+def uniform(num_examples: int) -> jax.Array:
+    """SAM's weights, 1/|M| each."""
+    return jnp.full((num_examples,), 1.0 / num_examples, jnp.float32)
+
+
+class WeightStatistics(NamedTuple):
+    """Spread of the instance weights, for logging.
+
+    Attributes:
+      min: smallest weight.
+      max: largest weight.
+      entropy: entropy (nats) of |p| / Σ|p|; log |M| for uniform weights.
+    """
+
+    min: jax.Array
+    max: jax.Array
+    entropy: jax.Array
+
+
+def statistics(weights: jax.Array) -> WeightStatistics:
+    """Min, max and entropy of instance weights."""
+    p = normalize(jnp.abs(weights))
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+    return WeightStatistics(jnp.min(weights), jnp.max(weights), entropy)
+
+
+def _check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}.")
+
+
+def delta_sam(eta: float = 1e-4) -> InstanceReweighting:
+    """δ-SAM instance weights, final version (Zhou et al. 2022, EMNLP Findings, Eq. 5).
+
+    With one r ~ N(0, I) per step rescaled to ‖r‖ = ρ, and l_i(w) from the
+    ascent pass (all three passes share the dropout key)::
+
+      g_i = |l_i(w+r) + l_i(w−r) − 2 l_i(w)| / max(|l_i(w+r) − l_i(w−r)|, η)
+
+    i.e. curvature a_i‖∇l_i‖² over gradient magnitude ‖∇l_i‖, an estimate of
+    a_i‖∇l_i‖ (the paper's §4.2). Costs two extra forward passes (no backward)
+    on the ascent micro-batch.
+
+    Example::
+
+      tx = sam_jax.sam(optax.adamw(1e-4), rho=0.02, ascent_fraction=0.25,
+                       reweight=sam_jax.delta_sam(eta=1e-4))
+
+    Args:
+      eta: η > 0, the floor of the denominator (paper grid 1e-4 … 1e-3).
+
+    Returns:
+      An `InstanceReweighting` to pass as `sam(..., reweight=...)`.
+    """
+    _check_positive("eta", eta)
+
+    def weights(losses_at: LossesAt, params, clean_losses, key, rho):
+        r = perturbation.random_perturbation(key, params, rho)
+        clean = clean_losses.astype(jnp.float32)
+        plus = losses_at(perturbation.perturbed(params, r, +1.0)).astype(jnp.float32)
+        minus = losses_at(perturbation.perturbed(params, r, -1.0)).astype(jnp.float32)
+        curvature = jnp.abs(plus + minus - 2.0 * clean)
+        slope = jnp.maximum(jnp.abs(plus - minus), eta)
+        return normalize(curvature / slope)
+
+    return InstanceReweighting("delta_sam", weights)
+
+
+def delta_sam_draft(beta: float = 3.0) -> InstanceReweighting:
+    """δ-SAM instance weights, draft version (Zhou et al. 2022, draft, Eq. 3–6).
+
+    With one r ~ N(0, I) per step rescaled to ‖r‖ = ρ and N = |M|::
+
+      a_j = l_j(w + r) − l_j(w)                  (3)
+      g_j = |a_j| / Σ_i |a_i|                    (4)
+      scale = β · |mean(a)| / |Σ_j g_j a_j|      (5)
+      g'_j = (g_j − 1/N) · scale + 1/N           (6)
+
+    The g' sum to 1 and may be negative when scale > 1. Degenerate batches
+    (all a_j = 0, or Σ g_j a_j = 0) fall back to uniform weights. Costs one
+    extra forward pass on the ascent micro-batch.
+
+    Example::
+
+      tx = sam_jax.sam(optax.adamw(1e-4), rho=0.05,
+                       reweight=sam_jax.delta_sam_draft(beta=3))
+
+    Args:
+      beta: β > 0, the mixing strength (paper grid 3, 5, 10, 20, 50, 70).
+
+    Returns:
+      An `InstanceReweighting` to pass as `sam(..., reweight=...)`.
+    """
+    _check_positive("beta", beta)
+
+    def weights(losses_at: LossesAt, params, clean_losses, key, rho):
+        r = perturbation.random_perturbation(key, params, rho)
+        change = losses_at(perturbation.perturbed(params, r)).astype(jnp.float32)
+        change = change - clean_losses.astype(jnp.float32)
+        num_examples = change.shape[0]
+        g = normalize(jnp.abs(change))
+        weighted_change = jnp.abs(jnp.sum(g * change))
+        valid = weighted_change > 0
+        scale = beta * jnp.abs(jnp.mean(change)) / jnp.where(valid, weighted_change, 1.0)
+        mixed = (g - 1.0 / num_examples) * scale + 1.0 / num_examples
+        return jnp.where(valid, mixed, uniform(num_examples))
+
+    return InstanceReweighting("delta_sam_draft", weights)

@@ -1,0 +1,61 @@
+"""Tests for sam_jax.batching: ascent micro-batch sizes and slices."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sam_jax import batching
+
+
+@pytest.mark.parametrize(
+    "num_examples, fraction, shards, expected",
+    [
+        (64, 0.25, 1, 16),  # Bahri et al.: a = b / 4
+        (64, 1.0, 1, 64),
+        (8, 0.25, 1, 2),
+        (6, 0.25, 1, 2),  # 1.5 rounds to 2
+        (4, 0.01, 1, 1),  # at least one example
+        (64, 0.25, 4, 16),
+        (8, 0.01, 4, 4),  # at least one example per shard
+        (24, 0.3, 4, 8),  # 0.3 × 6 = 1.8 → 2 per shard
+    ],
+)
+def test_ascent_size(num_examples, fraction, shards, expected):
+    assert batching.ascent_size(num_examples, fraction, shards) == expected
+
+
+def test_ascent_size_rejects_batch_not_divisible_by_shards():
+    with pytest.raises(ValueError, match="num_data_shards=4"):
+        batching.ascent_size(10, 0.25, 4)
+
+
+def test_ascent_slice_one_shard_is_the_first_examples():
+    batch = {"x": jnp.arange(16).reshape(8, 2), "y": jnp.arange(8)}
+    sliced = batching.ascent_slice(batch, 3)
+    np.testing.assert_array_equal(sliced["y"], [0, 1, 2])
+    np.testing.assert_array_equal(sliced["x"], np.arange(16).reshape(8, 2)[:3])
+
+
+def test_ascent_slice_takes_the_first_examples_of_every_shard():
+    # 12 examples on 3 shards hold [0..3], [4..7], [8..11]; a = 6 takes 2 of each.
+    sliced = batching.ascent_slice(jnp.arange(12), 6, num_data_shards=3)
+    np.testing.assert_array_equal(sliced, [0, 1, 4, 5, 8, 9])
+
+
+def test_batch_size_rejects_mismatched_leading_dims():
+    with pytest.raises(ValueError, match="leading"):
+        batching.batch_size({"a": jnp.zeros((4, 2)), "b": jnp.zeros((5,))})
+
+
+def test_split_groups_rejects_m_not_dividing_batch():
+    with pytest.raises(ValueError, match="sharpness_m=3"):
+        batching.split_groups(jnp.zeros((8, 2)), 3)
+
+
+def test_per_example_losses_rejects_a_scalar_loss():
+    def mean_loss(params, batch, key):
+        del params, key
+        return jnp.mean(batch)
+
+    with pytest.raises(ValueError, match="per-example losses of shape"):
+        batching.per_example_losses(mean_loss, None, jnp.zeros((4,)), None)

@@ -1,0 +1,514 @@
+"""Tests for sam_jax.sam: the SAM step against its equations, invariants and peers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import reference
+
+import sam_jax
+from sam_jax import perturbation
+from sam_jax import transform
+
+
+def _sgd_step(tx, params, batch, key=None, state=None):
+    state = tx.init(params) if state is None else state
+    updates, state = tx.update(None, state, params, loss_fn=reference.loss_fn, batch=batch, key=key)
+    return optax.apply_updates(params, updates), state
+
+
+def _assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+# --- The SAM step against a hand-written reference ------------------------------------
+
+
+@pytest.mark.parametrize("fraction, ascent", [(1.0, 8), (0.25, 2), (0.5, 4)])
+def test_sgd_step_equals_hand_computed_sam(fraction, ascent):
+    """Ascent on the first f·N examples, descent on all N (Bahri et al., Algorithm 1)."""
+    params, batch = reference.make_problem(num_examples=8)
+    lr, rho = 0.1, 0.05
+    new_params, state = _sgd_step(
+        sam_jax.sam(optax.sgd(lr), rho=rho, ascent_fraction=fraction), params, batch
+    )
+    w, b = reference.to_np(params)
+    x, y = reference.batch_np(batch)
+    gw, gb = reference.np_sam_gradient(w, b, x, y, rho, x[:ascent], y[:ascent])
+    np.testing.assert_allclose(new_params["w"], w - lr * gw, rtol=1e-5)
+    np.testing.assert_allclose(new_params["b"], b - lr * gb, rtol=1e-5)
+    np.testing.assert_allclose(
+        state.metrics.clean_loss,
+        np.mean(reference.np_losses(w, b, x[:ascent], y[:ascent])),
+        rtol=1e-5,
+    )
+    np.testing.assert_allclose(state.metrics.perturbation_norm, rho, rtol=1e-5)
+    np.testing.assert_allclose(state.metrics.weight_entropy, np.log(ascent), rtol=1e-5)
+
+
+def test_fraction_equals_sam_on_the_sub_batch_ascent():
+    """f·N ascent examples == full SAM whose ascent batch is those examples (descent on all)."""
+    params, batch = reference.make_problem(num_examples=16)
+    quarter, _ = _sgd_step(sam_jax.sam(optax.sgd(0.1), ascent_fraction=0.25), params, batch)
+    w, b = reference.to_np(params)
+    x, y = reference.batch_np(batch)
+    gw, gb = reference.np_sam_gradient(w, b, x, y, 0.05, x[:4], y[:4])
+    np.testing.assert_allclose(quarter["w"], w - 0.1 * gw, rtol=1e-5)
+    full, _ = _sgd_step(sam_jax.sam(optax.sgd(0.1)), params, batch)
+    assert not np.allclose(full["w"], quarter["w"])  # the sub-batch really matters
+
+
+def test_full_batch_sam_with_sgd_equals_optax_contrib_sam():
+    params, batch = reference.make_problem(num_examples=8)
+    lr, rho = 0.1, 0.05
+    ours, _ = _sgd_step(sam_jax.sam(optax.sgd(lr), rho=rho), params, batch)
+
+    peer = optax.contrib.sam(
+        optax.sgd(lr),
+        optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+        sync_period=2,
+        opaque_mode=True,
+    )
+
+    def mean_loss(p):
+        return jnp.mean(reference.loss_fn(p, batch, None))
+
+    grads = jax.grad(mean_loss)(params)
+    updates, _ = peer.update(
+        grads, peer.init(params), params, grad_fn=lambda p, _: jax.grad(mean_loss)(p)
+    )
+    _assert_trees_close(ours, optax.apply_updates(params, updates), rtol=1e-6)
+
+
+def test_asam_step_closed_form():
+    params, batch = reference.make_problem(num_examples=8)
+    lr, rho, eta = 0.1, 0.5, 0.01
+    new_params, _ = _sgd_step(
+        sam_jax.sam(optax.sgd(lr), rho=rho, adaptive=True, adaptive_eta=eta), params, batch
+    )
+    w, b = reference.to_np(params)
+    x, y = reference.batch_np(batch)
+    gw, gb = reference.np_weighted_grad(w, b, x, y, np.full(8, 1 / 8))
+    tw, tb = np.abs(w) + eta, abs(b) + eta
+    norm = np.sqrt(np.sum((tw * gw) ** 2) + (tb * gb) ** 2)
+    ew, eb = rho * tw**2 * gw / norm, rho * tb**2 * gb / norm
+    dw, db = reference.np_weighted_grad(w + ew, b + eb, x, y, np.full(8, 1 / 8))
+    np.testing.assert_allclose(new_params["w"], w - lr * dw, rtol=1e-5)
+    np.testing.assert_allclose(new_params["b"], b - lr * db, rtol=1e-5)
+
+
+def test_delta_sam_step_uses_weighted_ascent_and_unweighted_descent():
+    params, batch = reference.make_problem(num_examples=8)
+    key, rho, eta = jax.random.key(7), 0.05, 1e-4
+    new_params, state = _sgd_step(
+        sam_jax.sam(optax.sgd(0.1), rho=rho, reweight=sam_jax.delta_sam(eta)), params, batch, key
+    )
+    # Weights by Eq. 5 with the transform's random direction, evaluated in numpy.
+    r = perturbation.random_perturbation(transform.reweight_key(key), params, rho)
+    w, b = reference.to_np(params)
+    rw, rb = reference.to_np(r)
+    x, y = reference.batch_np(batch)
+    clean = reference.np_losses(w, b, x, y)
+    plus = reference.np_losses(w + rw, b + rb, x, y)
+    minus = reference.np_losses(w - rw, b - rb, x, y)
+    g = np.abs(plus + minus - 2 * clean) / np.maximum(np.abs(plus - minus), eta)
+    weights = g / g.sum()
+    gw, gb = reference.np_sam_gradient(w, b, x, y, rho, weights=weights)
+    # The weights come from fp32 finite differences of size ~ρ², hence atol.
+    np.testing.assert_allclose(new_params["w"], w - 0.1 * gw, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(new_params["b"], b - 0.1 * gb, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(state.metrics.weight_max, weights.max(), rtol=1e-3)
+    np.testing.assert_allclose(state.metrics.weight_min, weights.min(), rtol=1e-3)
+
+
+# --- Invariants -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rule", [sam_jax.delta_sam(), sam_jax.delta_sam_draft(beta=5.0)])
+def test_identical_examples_make_delta_sam_equal_sam(rule):
+    params, batch = reference.make_problem(num_examples=1)
+    batch = jax.tree.map(lambda v: jnp.repeat(v, 8, axis=0), batch)
+    key = jax.random.key(0)
+    sam_params, _ = _sgd_step(sam_jax.sam(optax.sgd(0.1), ascent_fraction=0.5), params, batch, key)
+    delta_params, state = _sgd_step(
+        sam_jax.sam(optax.sgd(0.1), ascent_fraction=0.5, reweight=rule), params, batch, key
+    )
+    _assert_trees_close(delta_params, sam_params, rtol=1e-6)
+    np.testing.assert_allclose(state.metrics.weight_entropy, np.log(4), rtol=1e-5)
+
+
+def test_fisher_mask_with_zero_sparsity_equals_sam_exactly():
+    params, batch = reference.make_problem(num_examples=8)
+    optimizer = optax.adamw(1e-2)
+    plain, plain_state = _sgd_step(sam_jax.sam(optimizer, ascent_fraction=0.5), params, batch)
+    masked, masked_state = _sgd_step(
+        sam_jax.sam(optimizer, ascent_fraction=0.5, mask=sam_jax.fisher_mask(sparsity=0.0)),
+        params,
+        batch,
+    )
+    for x, y in zip(jax.tree.leaves(plain), jax.tree.leaves(masked), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert float(masked_state.metrics.mask_density) == 1.0
+    assert float(plain_state.metrics.perturbation_norm) == float(
+        masked_state.metrics.perturbation_norm
+    )
+
+
+def test_fisher_mask_perturbs_only_the_masked_coordinates():
+    params, batch = reference.make_problem(num_examples=8, dim=9)
+    mask = sam_jax.fisher_mask(sparsity=0.5, num_samples=8)
+    new_params, state = _sgd_step(sam_jax.sam(optax.sgd(0.1), mask=mask), params, batch)
+    mask_w = np.asarray(state.mask_state.mask["w"])
+    mask_b = np.asarray(state.mask_state.mask["b"])
+    w, b = reference.to_np(params)
+    x, y = reference.batch_np(batch)
+    gw, gb = reference.np_sam_gradient(w, b, x, y, 0.05, mask=(mask_w, mask_b))
+    np.testing.assert_allclose(new_params["w"], w - 0.1 * gw, rtol=1e-5)
+    np.testing.assert_allclose(new_params["b"], b - 0.1 * gb, rtol=1e-5)
+    assert mask_w.sum() + mask_b.sum() == 5  # round(0.5 × 10)
+    assert float(state.metrics.perturbation_norm) < 0.05
+
+
+def test_m_equal_to_batch_size_equals_per_instance_sam():
+    params, batch = reference.make_problem(num_examples=8)
+    m_sharp, m_state = _sgd_step(sam_jax.sam(optax.sgd(0.1), sharpness_m=8), params, batch)
+    per_instance, p_state = _sgd_step(sam_jax.per_instance_sam(optax.sgd(0.1)), params, batch)
+    _assert_trees_close(m_sharp, per_instance, rtol=1e-5)
+    np.testing.assert_allclose(m_state.metrics.perturbed_loss, p_state.metrics.perturbed_loss)
+
+
+def test_m_sharpness_averages_group_sam_gradients():
+    params, batch = reference.make_problem(num_examples=8)
+    new_params, _ = _sgd_step(sam_jax.sam(optax.sgd(0.1), sharpness_m=2), params, batch)
+    w, b = reference.to_np(params)
+    x, y = reference.batch_np(batch)
+    grads = [reference.np_sam_gradient(w, b, x[k : k + 4], y[k : k + 4], 0.05) for k in (0, 4)]
+    np.testing.assert_allclose(
+        new_params["w"], w - 0.1 * (grads[0][0] + grads[1][0]) / 2, rtol=1e-5
+    )
+
+
+def test_per_instance_sam_closed_form():
+    params, batch = reference.make_problem(num_examples=4)
+    new_params, _ = _sgd_step(sam_jax.per_instance_sam(optax.sgd(0.1), rho=0.05), params, batch)
+    w, b = reference.to_np(params)
+    x, y = reference.batch_np(batch)
+    grads = [reference.np_sam_gradient(w, b, x[i : i + 1], y[i : i + 1], 0.05) for i in range(4)]
+    np.testing.assert_allclose(
+        new_params["w"], w - 0.1 * np.mean([g[0] for g in grads], 0), rtol=1e-5
+    )
+    np.testing.assert_allclose(new_params["b"], b - 0.1 * np.mean([g[1] for g in grads]), rtol=1e-5)
+
+
+def test_rho_zero_is_the_plain_optimizer():
+    params, batch = reference.make_problem(num_examples=8)
+    ours, _ = _sgd_step(sam_jax.sam(optax.adam(1e-2), rho=0.0), params, batch)
+    grads = jax.grad(lambda p: jnp.mean(reference.loss_fn(p, batch, None)))(params)
+    tx = optax.adam(1e-2)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    _assert_trees_close(ours, optax.apply_updates(params, updates), rtol=1e-6)
+
+
+# --- Composition with optax -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        optax.adamw(1e-2, weight_decay=0.1),
+        optax.adafactor(1e-2),
+        optax.chain(optax.clip_by_global_norm(0.5), optax.adamw(1e-2)),
+        optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2),
+    ],
+    ids=["adamw", "adafactor", "clip+adamw", "inject_hyperparams"],
+)
+def test_wraps_any_optimizer_with_the_sam_gradient(optimizer):
+    params, batch = reference.make_problem(num_examples=8)
+    ours, _ = _sgd_step(sam_jax.sam(optimizer, ascent_fraction=0.5), params, batch)
+    w, b = reference.to_np(params)
+    x, y = reference.batch_np(batch)
+    gw, gb = reference.np_sam_gradient(w, b, x, y, 0.05, x[:4], y[:4])
+    grads = {"w": jnp.asarray(gw, jnp.float32), "b": jnp.asarray(gb, jnp.float32)}
+    updates, _ = optimizer.update(grads, optimizer.init(params), params)
+    _assert_trees_close(ours, optax.apply_updates(params, updates), rtol=1e-4, atol=1e-6)
+
+
+def test_rho_schedule_is_followed_per_step():
+    params, batch = reference.make_problem(num_examples=8)
+    schedule = optax.linear_schedule(0.0, 0.3, transition_steps=3)
+    tx = sam_jax.sam(optax.sgd(0.01), rho=schedule)
+    state = tx.init(params)
+    for step in range(4):
+        params, state = _sgd_step(tx, params, batch, state=state)
+        np.testing.assert_allclose(state.metrics.rho, schedule(step), rtol=1e-6)
+        np.testing.assert_allclose(state.metrics.perturbation_norm, schedule(step), rtol=1e-5)
+
+
+def test_extra_args_reach_the_inner_optimizer():
+    params, batch = reference.make_problem(num_examples=8)
+    inner = optax.chain(optax.sgd(0.1), optax.contrib.reduce_on_plateau(patience=0))
+    tx = sam_jax.sam(inner)
+    state = tx.init(params)
+    _, state = tx.update(
+        None, state, params, loss_fn=reference.loss_fn, batch=batch, value=jnp.float32(3.0)
+    )
+    assert float(state.inner_state[1].best_value) == 3.0
+
+
+# --- jit, sharding, checkpoints -----------------------------------------------------------
+
+
+def _all_variants():
+    return {
+        "sam": dict(),
+        "sam_quarter": dict(ascent_fraction=0.25),
+        "delta_sam": dict(ascent_fraction=0.25, reweight=sam_jax.delta_sam()),
+        "delta_sam_draft": dict(ascent_fraction=0.25, reweight=sam_jax.delta_sam_draft()),
+        "fsam": dict(ascent_fraction=0.25, mask=sam_jax.fisher_mask(sparsity=0.5, interval=2)),
+        "asam": dict(adaptive=True),
+        "m_sharpness": dict(sharpness_m=2, ascent_fraction=0.5),
+    }
+
+
+def _train(tx, params, batch, steps=3, jit=True):
+    def step(p, s, key):
+        updates, s = tx.update(None, s, p, loss_fn=reference.loss_fn, batch=batch, key=key)
+        return optax.apply_updates(p, updates), s
+
+    step = jax.jit(step) if jit else step
+    state = tx.init(params)
+    for i in range(steps):
+        params, state = step(params, state, jax.random.key(i))
+    return params, state
+
+
+@pytest.mark.parametrize("variant", list(_all_variants()))
+def test_jit_equals_eager(variant):
+    params, batch = reference.make_problem(num_examples=16)
+    tx = sam_jax.sam(optax.adamw(1e-2), **_all_variants()[variant])
+    jitted = _train(tx, params, batch, jit=True)
+    eager = _train(tx, params, batch, jit=False)
+    _assert_trees_close(jitted, eager, rtol=1e-5, atol=1e-6)
+
+
+def _mlp_problem():
+    rng = np.random.default_rng(0)
+    params = {
+        "hidden": jnp.asarray(rng.normal(size=(6, 8)) * 0.5, jnp.float32),
+        "out": jnp.asarray(rng.normal(size=(8,)) * 0.5, jnp.float32),
+    }
+    batch = (
+        jnp.asarray(rng.normal(size=(16, 6)), jnp.float32),
+        jnp.asarray(rng.normal(size=(16,)), jnp.float32),
+    )
+    return params, batch
+
+
+def _mlp_loss(params, batch, key):
+    x, y = batch
+    hidden = jnp.tanh(x @ params["hidden"])
+    keep = jax.random.bernoulli(key, 0.9, hidden.shape)  # dropout shared by all passes
+    return (jnp.where(keep, hidden / 0.9, 0.0) @ params["out"] - y) ** 2
+
+
+def _mlp_step(tx):
+    def step(p, s, key, b):
+        updates, s = tx.update(None, s, p, loss_fn=_mlp_loss, batch=b, key=key)
+        return optax.apply_updates(p, updates), s
+
+    return jax.jit(step)
+
+
+@pytest.mark.parametrize("variant", list(_all_variants()))
+def test_sharded_on_a_data_model_mesh_equals_unsharded(variant):
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    kwargs = dict(_all_variants()[variant])
+    if kwargs.get("sharpness_m", 1) == 1:
+        kwargs["num_data_shards"] = 4
+    tx = sam_jax.sam(optax.adamw(1e-2), **kwargs)
+
+    def run(params, batch):
+        step, state = _mlp_step(tx), tx.init(params)
+        for i in range(3):
+            params, state = step(params, state, jax.random.key(i), batch)
+        return params, state
+
+    params, batch = _mlp_problem()
+    expected_params, expected_state = run(params, batch)
+
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    param_sharding = {
+        "hidden": NamedSharding(mesh, P(None, "model")),
+        "out": NamedSharding(mesh, P("model")),
+    }
+    sharded_params = jax.device_put(params, param_sharding)
+    sharded_batch = jax.device_put(batch, NamedSharding(mesh, P("data")))
+    with jax.set_mesh(mesh):
+        got_params, got_state = run(sharded_params, sharded_batch)
+    assert len(got_params["hidden"].sharding.device_set) == 8
+    # δ-SAM's weights are fp32 finite differences of size ~ρ²: a one-ulp change of a
+    # loss from another reduction order moves them by ~ulp/ρ², hence looser tolerances
+    # (the smallest weight, of the flattest example, most: 1e-4 is 0.04 % of 1/|M|).
+    reweighted = "reweight" in kwargs
+    _assert_trees_close(got_params, expected_params, rtol=1e-4 if reweighted else 1e-5, atol=1e-6)
+    _assert_trees_close(
+        got_state.metrics,
+        expected_state.metrics,
+        rtol=1e-3 if reweighted else 1e-5,
+        atol=1e-4 if reweighted else 1e-6,
+    )
+
+
+def test_state_round_trips_through_an_orbax_checkpoint(tmp_path):
+    import orbax.checkpoint as ocp
+
+    params, batch = reference.make_problem(num_examples=8)
+    tx = sam_jax.sam(
+        optax.adamw(1e-2), ascent_fraction=0.5, mask=sam_jax.fisher_mask(sparsity=0.5, interval=2)
+    )
+    params, state = _train(tx, params, batch, steps=1)
+    with ocp.CheckpointManager(tmp_path) as manager:
+        manager.save(1, args=ocp.args.StandardSave(state))
+        manager.wait_until_finished()
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+        restored = manager.restore(1, args=ocp.args.StandardRestore(abstract))
+    assert isinstance(restored, sam_jax.SamState)
+    assert isinstance(restored.mask_state, sam_jax.FisherMaskState)
+    for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(restored), strict=True):
+        np.testing.assert_array_equal(x, y)
+        assert x.dtype == y.dtype
+    # The restored state continues exactly like the original one.
+    step = jax.jit(
+        lambda s: tx.update(None, s, params, loss_fn=reference.loss_fn, batch=batch, key=None)
+    )
+    _assert_trees_close(step(state), step(restored), rtol=0, atol=0)
+
+
+# --- Numerics ----------------------------------------------------------------------------
+
+
+def test_zero_gradient_gives_finite_updates_and_zero_epsilon():
+    params = {"w": jnp.zeros((3,)), "b": jnp.float32(0.0)}
+    batch = (jnp.zeros((4, 3)), jnp.zeros((4,)))  # loss 0 everywhere, gradient 0
+    for kwargs in _all_variants().values():
+        new_params, state = _sgd_step(
+            sam_jax.sam(optax.adamw(1e-2), **kwargs), params, batch, jax.random.key(0)
+        )
+        for leaf in jax.tree.leaves((new_params, state)):
+            assert np.all(np.isfinite(np.asarray(leaf, np.float32)))
+        assert float(state.metrics.perturbation_norm) == 0.0
+
+
+def test_bfloat16_parameters_are_perturbed_in_float32_and_kept_exactly():
+    params, batch = reference.make_problem(num_examples=8)
+    params = jax.tree.map(lambda v: v.astype(jnp.bfloat16), params)
+    seen = []
+
+    def recording_loss(p, b, key):
+        jax.debug.callback(lambda w, b: seen.append({"w": w, "b": b}), p["w"], p["b"])
+        return reference.loss_fn(p, b, key).astype(jnp.float32)
+
+    original = jax.tree.map(np.asarray, params)
+    tx = sam_jax.sam(optax.sgd(0.1), rho=0.05)
+    updates, state = tx.update(None, tx.init(params), params, loss_fn=recording_loss, batch=batch)
+    ascent_params, descent_params = seen
+    # w is untouched (the transform never writes w + ε − ε back), and the ascent is at w.
+    for x, y, z in zip(*map(jax.tree.leaves, (params, original, ascent_params)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), y)
+        np.testing.assert_array_equal(np.asarray(z), y)
+    # w + ε was computed in float32 and rounded once to bfloat16.
+    grads = jax.grad(lambda p: jnp.mean(reference.loss_fn(p, batch, None)))(params)
+    g32 = jax.tree.map(lambda g: np.asarray(g, np.float32), grads)
+    norm = np.sqrt(sum(np.sum(g**2) for g in jax.tree.leaves(g32)))
+    for name in ("w", "b"):
+        expected = (np.asarray(params[name], np.float32) + 0.05 * g32[name] / norm).astype(
+            jnp.bfloat16
+        )
+        np.testing.assert_array_equal(np.asarray(descent_params[name]), expected)
+    assert all(np.isfinite(np.asarray(u, np.float32)).all() for u in jax.tree.leaves(updates))
+
+
+def test_delta_sam_passes_share_the_dropout_key():
+    params, batch = _mlp_problem()
+    keys = []
+
+    def recording_loss(p, b, key):
+        keys.append(key)
+        return _mlp_loss(p, b, key)
+
+    tx = sam_jax.sam(optax.sgd(0.1), ascent_fraction=0.25, reweight=sam_jax.delta_sam())
+    key = jax.random.key(11)
+    tx.update(None, tx.init(params), params, loss_fn=recording_loss, batch=batch, key=key)
+    assert len(keys) == 4  # l(w) with its vjp, l(w + r), l(w − r), descent l(w + ε)
+    for k in keys:
+        np.testing.assert_array_equal(jax.random.key_data(k), jax.random.key_data(key))
+
+
+# --- Bad input ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(rho=-0.1), "rho must be ≥ 0"),
+        (dict(ascent_fraction=0.0), r"ascent_fraction must be in \(0, 1\]"),
+        (dict(ascent_fraction=1.5), r"ascent_fraction must be in \(0, 1\]"),
+        (dict(sharpness_m=0), "sharpness_m must be an integer ≥ 1"),
+        (dict(num_data_shards=0), "num_data_shards must be an integer ≥ 1"),
+        (dict(adaptive=True, adaptive_eta=0.0), "adaptive_eta must be > 0"),
+    ],
+)
+def test_sam_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sam_jax.sam(optax.sgd(0.1), **kwargs)
+
+
+def test_per_instance_sam_rejects_negative_rho():
+    with pytest.raises(ValueError, match="rho must be ≥ 0"):
+        sam_jax.per_instance_sam(optax.sgd(0.1), rho=-1.0)
+
+
+def test_sam_rejects_bad_reweight_and_mask_types():
+    with pytest.raises(TypeError, match="reweight must be"):
+        sam_jax.sam(optax.sgd(0.1), reweight="delta_sam")
+    with pytest.raises(TypeError, match="mask must be"):
+        sam_jax.sam(optax.sgd(0.1), mask=0.9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, num_examples, match",
+    [
+        (dict(sharpness_m=3), 8, "sharpness_m=3 must be ≥ 1 and divide the batch size 8"),
+        (dict(num_data_shards=3), 8, "not divisible by num_data_shards=3"),
+    ],
+)
+def test_update_rejects_batches_that_do_not_divide(kwargs, num_examples, match):
+    params, batch = reference.make_problem(num_examples=num_examples)
+    with pytest.raises(ValueError, match=match):
+        _sgd_step(sam_jax.sam(optax.sgd(0.1), **kwargs), params, batch)
+
+
+def test_update_rejects_a_scalar_loss():
+    params, batch = reference.make_problem(num_examples=8)
+    tx = sam_jax.sam(optax.sgd(0.1))
+    with pytest.raises(ValueError, match="per-example losses of shape"):
+        tx.update(
+            None,
+            tx.init(params),
+            params,
+            loss_fn=lambda p, b, k: jnp.mean(reference.loss_fn(p, b, k)),
+            batch=batch,
+        )
+
+
+def test_update_rejects_gradients_and_a_missing_key_for_delta_sam():
+    params, batch = reference.make_problem(num_examples=8)
+    tx = sam_jax.sam(optax.sgd(0.1), reweight=sam_jax.delta_sam())
+    with pytest.raises(ValueError, match="computes its own gradients"):
+        tx.update(params, tx.init(params), params, loss_fn=reference.loss_fn, batch=batch)
+    with pytest.raises(ValueError, match="pass `key`"):
+        tx.update(None, tx.init(params), params, loss_fn=reference.loss_fn, batch=batch)
