@@ -12,7 +12,15 @@ CORE = [
     "numpy>=2.0,<3",
     "absl-py>=2.1,<3",
 ]
-TEST = ["pytest>=8.0,<10"]
+# The training stack: seqio tasks (pulls TensorFlow), gin configs, metrics.
+TRAIN = [
+    "seqio>=0.0.20,<0.1",
+    "tensorflow-datasets>=4.9.10,<5",
+    "gin-config>=0.5.0,<0.6",
+    "tqdm>=4.66,<5",
+    "matplotlib>=3.9,<4",
+]
+TEST = TRAIN + ["pytest>=8.0,<10"]
 
 setuptools.setup(
     name="sam_jax",
@@ -21,9 +29,9 @@ setuptools.setup(
     "language models in JAX/Flax/Optax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["sam_jax", "sam_jax.*"]),
+    packages=setuptools.find_packages(include=["sam_jax", "sam_jax.*", "tasks", "tasks.*"]),
     python_requires=">=3.11",
     install_requires=CORE,
-    extras_require={"test": TEST},
+    extras_require={"train": TRAIN, "test": TEST},
     license="Apache-2.0",
 )

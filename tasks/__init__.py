@@ -1,0 +1,22 @@
+"""seqio Tasks and Mixtures for sam_jax (T5X conventions).
+
+`import tasks` registers every task module's Tasks and Mixtures in seqio's
+global registries (like T5X's `--gin.MIXTURE_OR_TASK_MODULE`). Registration is
+idempotent: re-importing or reloading a module replaces its definitions.
+
+Modules:
+  demo           offline generated tasks, no downloads: `demo_cbqa` (closed-book
+                 QA, exact match / F1), `demo_nli` (3-way NLI, accuracy) and
+                 `demo_mixture`; `demo.register_demo_tasks(train_fraction=...)`
+                 registers subsampled variants.
+  preprocessing  shared helpers: `TrainFractionSource` (deterministic, nested
+                 `train_fraction` subsampling of any seqio DataSource's train
+                 split), idempotent `add_task`/`add_mixture`, postprocessors
+                 and metrics (`exact_match`, `token_f1`, `squad_em_f1`,
+                 `accuracy`).
+
+Needs seqio (and so TensorFlow). `tasks/preprocessing.py` itself imports seqio
+lazily, so its numpy helpers and metrics could move to a seqio-free package.
+"""
+
+from tasks import demo  # noqa: F401  (registers demo_cbqa, demo_nli, demo_mixture)

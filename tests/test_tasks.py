@@ -1,0 +1,548 @@
+"""Tests for the offline seqio demo tasks (tasks/demo.py, tasks/preprocessing.py).
+
+Run with the seqio environment: `/work/venv-seqio/bin/python -m pytest -q
+tests/test_tasks.py`; without seqio the whole file is skipped.
+"""
+
+import importlib
+import math
+import re
+
+import numpy as np
+import pytest
+
+seqio = pytest.importorskip("seqio")
+tf = pytest.importorskip("tensorflow")
+
+import tasks  # noqa: E402  (registers the demo tasks)
+from tasks import demo  # noqa: E402
+from tasks import preprocessing as pp  # noqa: E402
+
+SEQ = {"inputs": 64, "targets": 16}
+EOS = 1
+BYTE_OFFSET = 3  # ByteVocabulary: pad 0, eos 1, unk 2, byte b -> b + 3
+
+
+def _task_examples(name, split="train", **kwargs):
+    """A fresh unshuffled read of a task's split."""
+    ds = seqio.get_mixture_or_task(name).get_dataset(
+        sequence_length=SEQ, split=split, shuffle=False, use_cached=False, **kwargs
+    )
+    return list(ds.as_numpy_iterator())
+
+
+_READS = {}
+
+
+def _canonical(name, split="train"):
+    """A memoised read of a canonical task (keeps the file under ~60 s)."""
+    if (name, split) not in _READS:
+        _READS[(name, split)] = _task_examples(name, split)
+    return _READS[(name, split)]
+
+
+def _texts(examples):
+    return [
+        (ex["inputs_pretokenized"].decode(), ex["targets_pretokenized"].decode()) for ex in examples
+    ]
+
+
+def _byte_ids(text):
+    return [b + BYTE_OFFSET for b in text.encode("utf-8")] + [EOS]
+
+
+@pytest.fixture
+def registered():
+    """Registers task variants and removes them afterwards (global registries)."""
+    names = []
+    before = set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+
+    def register(**kwargs):
+        out = demo.register_demo_tasks(**kwargs)
+        names.extend(n for n in out.values() if n not in before)
+        return out
+
+    yield register
+    pp.remove(names)
+
+
+# --------------------------------------------------------------------------- #
+# Registration and the seqio pipeline.
+# --------------------------------------------------------------------------- #
+
+
+def test_tasks_and_mixture_are_registered():
+    assert {"demo_cbqa", "demo_nli"} <= set(seqio.TaskRegistry.names())
+    assert "demo_mixture" in seqio.MixtureRegistry.names()
+    mixture = seqio.get_mixture_or_task("demo_mixture")
+    assert [t.name for t in mixture.tasks] == ["demo_cbqa", "demo_nli"]
+    # Proportional rates: the training-set sizes.
+    assert mixture.get_rate(seqio.get_mixture_or_task("demo_cbqa")) == 1080
+    assert mixture.get_rate(seqio.get_mixture_or_task("demo_nli")) == 2000
+    for name in ("demo_cbqa", "demo_nli"):
+        task = seqio.get_mixture_or_task(name)
+        assert set(task.output_features) == {"inputs", "targets"}
+        for feature in task.output_features.values():
+            assert isinstance(feature.vocabulary, seqio.ByteVocabulary)
+            assert feature.vocabulary.vocab_size == 259
+            assert feature.add_eos
+        assert task.splits == ("train", "validation")
+        assert task.metric_fns
+
+
+def test_mixture_yields_tokenized_examples_of_both_tasks():
+    ds = seqio.get_mixture_or_task("demo_mixture").get_dataset(
+        sequence_length=SEQ, split="train", shuffle=False, use_cached=False
+    )
+    known = {
+        (ex["inputs"], ex["targets"]): task
+        for task, gen in (("cbqa", demo.cbqa_examples), ("nli", demo.nli_examples))
+        for ex in gen()["train"]
+    }
+    seen_tasks = set()
+    vocab = demo.VOCABULARY
+    for ex in ds.take(64).as_numpy_iterator():
+        assert set(ex) == {"inputs", "targets"}
+        for key in ("inputs", "targets"):
+            assert ex[key].dtype == np.int32 and ex[key].ndim == 1
+            assert 2 <= len(ex[key]) <= SEQ[key]
+            assert ex[key][-1] == EOS and EOS not in ex[key][:-1]
+        text = (vocab.decode(ex["inputs"].tolist()), vocab.decode(ex["targets"].tolist()))
+        assert text in known, text
+        assert ex["inputs"].tolist() == _byte_ids(text[0])
+        seen_tasks.add(known[text])
+    assert seen_tasks == {"cbqa", "nli"}
+
+
+def test_known_examples_decode_to_expected_text():
+    cbqa = _canonical("demo_cbqa")
+    assert len(cbqa) == 1080
+    first = cbqa[0]
+    question = "question: Minle Greberg works as what?"
+    assert first["inputs"].tolist() == _byte_ids(question)
+    assert first["targets"].tolist() == _byte_ids("tailor")
+    assert demo.VOCABULARY.decode(first["inputs"].tolist()) == question
+    assert first["inputs_pretokenized"].decode() == question
+
+    nli = _canonical("demo_nli")
+    assert len(nli) == 2000
+    text = "premise: Pik has 10 keys. hypothesis: Pik has at most 7 cats"
+    assert demo.VOCABULARY.decode(nli[0]["inputs"].tolist()) == text
+    assert demo.VOCABULARY.decode(nli[0]["targets"].tolist()) == "neutral"
+
+    val = _canonical("demo_cbqa", "validation")
+    assert len(val) == 360
+    assert _texts(val)[0] == ("question: what is the capital of Vekthaikora?", "Thalga")
+    assert len(_canonical("demo_nli", "validation")) == 300
+
+
+@pytest.mark.parametrize("generator", [demo.cbqa_examples, demo.nli_examples])
+def test_sizes_fit_the_demo_limits(generator):
+    for split, examples in generator().items():
+        assert len(examples) <= (5000 if split == "train" else 500)
+        # + EOS, they fit the sequence lengths 64 / 16 without truncation.
+        assert max(len(ex["inputs"].encode()) for ex in examples) <= 63
+        assert max(len(ex["targets"].encode()) for ex in examples) <= 15
+        inputs = [ex["inputs"] for ex in examples]
+        assert len(set(inputs)) == len(inputs)  # no duplicate questions
+
+
+def test_pipeline_matches_generator():
+    for name, gen in (("demo_cbqa", demo.cbqa_examples), ("demo_nli", demo.nli_examples)):
+        for split in ("train", "validation"):
+            expected = [(ex["inputs"], ex["targets"]) for ex in gen()[split]]
+            assert _texts(_canonical(name, split)) == expected
+
+
+# --------------------------------------------------------------------------- #
+# Generalisation: held-out validation.
+# --------------------------------------------------------------------------- #
+
+
+def test_cbqa_validation_is_held_out_but_learnable():
+    data = demo.cbqa_examples()
+    train, val = data["train"], data["validation"]
+    train_inputs = {ex["inputs"] for ex in train}
+    by_fact = {}
+    for ex in train:
+        by_fact.setdefault((ex["relation"], ex["subject"]), []).append(ex)
+    train_templates = {(ex["relation"], ex["template"]) for ex in train}
+    for ex in val:
+        assert ex["inputs"] not in train_inputs
+        assert ex["subject"] in ex["inputs"]
+        seen = by_fact[(ex["relation"], ex["subject"])]
+        # The same fact, same answer, under the other three templates.
+        assert len(seen) == 3
+        assert all(t["targets"] == ex["targets"] for t in seen)
+        assert ex["template"] not in {t["template"] for t in seen}
+        # The wording itself is familiar: seen in training with other subjects.
+        assert (ex["relation"], ex["template"]) in train_templates
+    # Every fact is asked in validation exactly once.
+    assert {(ex["relation"], ex["subject"]) for ex in val} == set(by_fact)
+    # Answers are a function of the fact: no subject has two answers for one
+    # relation, and capitals are unique per country.
+    capitals = [ex["targets"] for ex in val if ex["relation"] == "capital"]
+    assert len(set(capitals)) == len(capitals) == demo.CBQA_NUM_COUNTRIES
+
+
+def test_nli_validation_uses_new_entities_and_values():
+    data = demo.nli_examples()
+    names = demo.nli_names()
+    assert not set(names["train"]) & set(names["validation"])
+    train_text = " ".join(ex["inputs"] for ex in data["train"])
+    train_words = set(re.findall(r"\w+", train_text))
+    assert not set(names["validation"]) & train_words
+    for ex in data["validation"]:
+        words = set(re.findall(r"[A-Z]\w+", ex["premise"]))
+        assert words and words <= set(names["validation"])
+    held_out = {str(n) for n in demo.NLI_HELD_OUT_COUNTS + demo.NLI_HELD_OUT_AGES}
+    assert not held_out & train_words
+    val_numbers = [
+        set(re.findall(r"\d+", ex["premise"])) for ex in data["validation"] if ex["family"] != "set"
+    ]
+    assert val_numbers and all(nums & held_out for nums in val_numbers)
+    train_inputs = {ex["inputs"] for ex in data["train"]}
+    assert not train_inputs & {ex["inputs"] for ex in data["validation"]}
+
+
+_VERB_BASE = dict(demo.NLI_VERBS)
+
+
+def _nli_rule(premise, hypothesis):
+    """An independent reading of the three sentence families."""
+    m = re.fullmatch(r"(\w+) has (no|\d+) (\w+)\.", premise)
+    if m:
+        name, k, obj = m.group(1), 0 if m.group(2) == "no" else int(m.group(2)), m.group(3)
+        h = re.fullmatch(r"(\w+) has (?:at (least|most) (\d+)|(no)) (\w+)", hypothesis)
+        assert h, hypothesis
+        if h.group(1) != name or h.group(5).rstrip("s") != obj.rstrip("s"):
+            return "neutral"
+        if h.group(4) == "no":
+            holds = k == 0
+        elif h.group(2) == "least":
+            holds = k >= int(h.group(3))
+        else:
+            holds = k <= int(h.group(3))
+        return "entailment" if holds else "contradiction"
+    m = re.fullmatch(r"(\w+) is (\d+), (\w+) (\d+)\.", premise)
+    if m:
+        ages = {m.group(1): int(m.group(2)), m.group(3): int(m.group(4))}
+        h = re.fullmatch(r"(\w+) is (older|younger) than (\w+)", hypothesis)
+        assert h, hypothesis
+        x, rel, y = h.groups()
+        if x not in ages or y not in ages:
+            return "neutral"
+        holds = ages[x] > ages[y] if rel == "older" else ages[x] < ages[y]
+        return "entailment" if holds else "contradiction"
+    m = re.fullmatch(r"(\w+) and (\w+) did not (\w+)\.", premise)
+    if m:
+        people, verb, did = {m.group(1), m.group(2)}, m.group(3), False
+    else:
+        m = re.fullmatch(r"(\w+)(?:, (\w+))? and (\w+) (\w+)\.", premise)
+        assert m, premise
+        people = {g for g in m.groups()[:3] if g}
+        verb, did = _VERB_BASE[m.group(4)], True
+    h = re.fullmatch(r"(\w+) did not (\w+)", hypothesis)
+    if h:
+        x, h_verb, h_did = h.group(1), h.group(2), False
+    else:
+        h = re.fullmatch(r"(\w+) (\w+)", hypothesis)
+        assert h, hypothesis
+        x, h_verb, h_did = h.group(1), _VERB_BASE[h.group(2)], True
+    if x not in people or h_verb != verb:
+        return "neutral"
+    return "entailment" if h_did == did else "contradiction"
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_nli_labels_follow_the_rules(split):
+    examples = demo.nli_examples()[split]
+    for ex in examples:
+        assert ex["inputs"] == f"premise: {ex['premise']} hypothesis: {ex['hypothesis']}"
+        assert _nli_rule(ex["premise"], ex["hypothesis"]) == ex["targets"], ex
+    labels = [ex["targets"] for ex in examples]
+    for label in demo.NLI_LABELS:  # roughly balanced
+        assert labels.count(label) / len(labels) > 0.25
+    families = {ex["family"] for ex in examples}
+    assert families == {"count", "age", "set"}
+
+
+# --------------------------------------------------------------------------- #
+# Determinism.
+# --------------------------------------------------------------------------- #
+
+
+def _first_inputs(name, count, **kwargs):
+    ds = seqio.get_mixture_or_task(name).get_dataset(SEQ, split="train", use_cached=False, **kwargs)
+    return [ex["inputs"].tolist() for ex in ds.take(count).as_numpy_iterator()]
+
+
+def test_datasets_are_deterministic():
+    for name in ("demo_cbqa", "demo_nli"):
+        assert _texts(_task_examples(name)) == _texts(_canonical(name))
+    assert _first_inputs("demo_mixture", 200, shuffle=False) == _first_inputs(
+        "demo_mixture", 200, shuffle=False
+    )
+    # Shuffled with a seed: reproducible, and really shuffled.
+    shuffled = _first_inputs("demo_nli", 50, shuffle=True, seed=3)
+    assert shuffled == _first_inputs("demo_nli", 50, shuffle=True, seed=3)
+    assert shuffled != _first_inputs("demo_nli", 50, shuffle=True, seed=4)
+    assert shuffled != [ex["inputs"].tolist() for ex in _canonical("demo_nli")[:50]]
+
+
+def test_different_data_seeds_give_different_data(registered):
+    for gen in (demo.cbqa_examples, demo.nli_examples, demo.cbqa_fact_table):
+        assert gen(0) == gen(0)
+        assert gen(0) != gen(1)
+    a = {ex["inputs"] for ex in demo.cbqa_examples(0)["train"]}
+    b = {ex["inputs"] for ex in demo.cbqa_examples(1)["train"]}
+    assert len(a & b) < len(a) // 10
+    names = registered(data_seed=1)
+    assert names["cbqa"] == "demo_cbqa_data1"
+    other = _texts(_task_examples(names["nli"]))
+    assert other == [(ex["inputs"], ex["targets"]) for ex in demo.nli_examples(1)["train"]]
+    assert other != _texts(_canonical("demo_nli"))
+
+
+def test_registration_is_idempotent():
+    demo.register_demo_tasks()
+    demo.register_demo_tasks()
+    importlib.reload(demo)
+    importlib.reload(tasks)
+    assert "demo_mixture" in seqio.MixtureRegistry.names()
+    mixture = seqio.get_mixture_or_task("demo_mixture")
+    # The mixture points at the live (re-registered) task objects.
+    assert all(seqio.TaskRegistry.get(t.name) is t for t in mixture.tasks)
+    assert len(_task_examples("demo_cbqa")) == 1080
+
+
+# --------------------------------------------------------------------------- #
+# train_fraction.
+# --------------------------------------------------------------------------- #
+
+
+def test_mix64_numpy_matches_python():
+    idx = np.array([0, 1, 2, 12345, 2**40 + 7], dtype=np.uint64)
+    for seed in (0, 1, 2**63 + 5):
+        assert pp.mix64_array(seed, idx).tolist() == [pp.mix64(seed, int(i)) for i in idx]
+    # splitmix64 reference values (seed 1234567 from the original paper's code).
+    assert pp.splitmix64(1234567) == 6457827717110365317
+
+
+@pytest.mark.parametrize("n", [1, 7, 1080, 2000])
+def test_train_fraction_indices_exact_nested_deterministic(n):
+    previous = set()
+    for fraction in (0.02, 0.05, 0.1, 0.2, 0.5, 0.8, 1.0):
+        idx = pp.train_fraction_indices(n, fraction, seed=0)
+        expected = max(1, math.floor(fraction * n + 0.5))
+        assert len(idx) == expected == pp.num_train_examples(n, fraction)
+        assert len(set(idx.tolist())) == len(idx)
+        assert idx.min() >= 0 and idx.max() < n
+        assert np.all(np.diff(idx) > 0)  # sorted: source order is kept
+        assert previous <= set(idx.tolist())  # nested
+        previous = set(idx.tolist())
+        np.testing.assert_array_equal(idx, pp.train_fraction_indices(n, fraction, seed=0))
+    assert previous == set(range(n))
+    if n >= 1000:
+        a = pp.train_fraction_indices(n, 0.1, seed=0)
+        b = pp.train_fraction_indices(n, 0.1, seed=1)
+        assert len(set(a.tolist()) & set(b.tolist())) < len(a) // 2
+        # Spread over the whole split, not a prefix.
+        assert a.max() > 0.8 * n and a.min() < 0.2 * n
+
+
+@pytest.mark.parametrize(
+    "bad", [0, 0.0, -0.1, -1, 1.0001, 2, float("nan"), float("inf"), True, "0.5", None]
+)
+def test_bad_train_fraction_raises(bad):
+    with pytest.raises(ValueError, match=r"train_fraction.*\(0, 1\]"):
+        pp.validate_train_fraction(bad)
+    with pytest.raises(ValueError, match="train_fraction"):
+        pp.train_fraction_indices(100, bad)
+    with pytest.raises(ValueError, match="train_fraction"):
+        demo.register_demo_tasks(train_fraction=bad)
+    source = demo.make_source(demo.nli_examples)
+    with pytest.raises(ValueError, match="train_fraction"):
+        pp.TrainFractionSource(source, bad)
+
+
+def test_registered_train_fraction_tasks(registered):
+    names = registered(train_fraction=0.1)
+    assert names == {
+        "cbqa": "demo_cbqa_frac0.1",
+        "nli": "demo_nli_frac0.1",
+        "mixture": "demo_mixture_frac0.1",
+    }
+    for key, gen, full in (("cbqa", demo.cbqa_examples, 1080), ("nli", demo.nli_examples, 2000)):
+        task = seqio.get_mixture_or_task(names[key])
+        got = _texts(_task_examples(names[key]))
+        assert len(got) == full // 10 == task.num_input_examples("train")
+        idx = pp.train_fraction_indices(full, 0.1, seed=0)
+        train = gen()["train"]
+        assert got == [(train[i]["inputs"], train[i]["targets"]) for i in idx]
+        # Validation is never subsampled.
+        assert _texts(_task_examples(names[key], split="validation")) == _texts(
+            _canonical(f"demo_{key}", "validation")
+        )
+        assert task.num_input_examples("validation") == len(gen()["validation"])
+    mixture = seqio.get_mixture_or_task(names["mixture"])
+    assert [mixture.get_rate(t) for t in mixture.tasks] == [108, 200]
+
+
+def test_train_fraction_tasks_nested_and_seeded(registered):
+    small = set(_texts(_task_examples(registered(train_fraction=0.05)["nli"])))
+    large = set(_texts(_task_examples(registered(train_fraction=0.2)["nli"])))
+    again = set(_texts(_task_examples(registered(train_fraction=0.05)["nli"])))
+    other = registered(train_fraction=0.05, seed=7)
+    assert other["nli"] == "demo_nli_frac0.05_seed7"
+    reseeded = set(_texts(_task_examples(other["nli"])))
+    assert len(small) == 100 and len(large) == 400 and len(reseeded) == 100
+    assert small < large
+    assert small == again
+    assert small != reseeded
+    # fraction 1 is the full task under the canonical name.
+    assert registered(train_fraction=1.0, seed=3)["nli"] == "demo_nli"
+
+
+def test_train_fraction_source_with_index_key_ignores_order():
+    """The GLUE/TFDS path: a stable 'idx' feature, shuffled source order."""
+    n = 50
+    values = [f"example {i}" for i in range(n)]
+    order = pp.Rng("test-order").sample(range(n), n)
+
+    def dataset_fn(split, shuffle_files, seed=None):
+        del split, seed
+        idx = order if shuffle_files else list(range(n))
+        return tf.data.Dataset.from_tensor_slices(
+            {"idx": np.array(idx, np.int32), "text": np.array([values[i] for i in idx])}
+        )
+
+    source = seqio.FunctionDataSource(
+        dataset_fn, splits=("train", "validation"), num_input_examples={"train": n, "validation": n}
+    )
+    wrapped = pp.TrainFractionSource(source, 0.3, seed=2, index_key="idx")
+    by_enumeration = pp.TrainFractionSource(source, 0.3, seed=2)
+    expected = {values[i] for i in pp.train_fraction_indices(n, 0.3, seed=2)}
+    for shuffle in (False, True):
+        got = [
+            ex["text"].decode()
+            for ex in wrapped.get_dataset("train", shuffle=shuffle).as_numpy_iterator()
+        ]
+        assert set(got) == expected and len(got) == 15
+    got = [
+        ex["text"].decode()
+        for ex in by_enumeration.get_dataset("train", shuffle=True).as_numpy_iterator()
+    ]
+    assert set(got) == expected
+    assert wrapped.num_input_examples("train") == 15
+    assert wrapped.num_input_examples("validation") == n
+    assert len(list(wrapped.get_dataset("validation", shuffle=False))) == n
+    assert pp.with_train_fraction(source, 1.0, seed=5) is source
+
+
+# --------------------------------------------------------------------------- #
+# Metrics and postprocessing.
+# --------------------------------------------------------------------------- #
+
+
+def test_exact_match_and_f1():
+    assert pp.exact_match(["Karvel"], ["Karvel"]) == {"exact_match": 1.0}
+    assert pp.exact_match(["Karvel"], ["Zorbia"]) == {"exact_match": 0.0}
+    assert pp.exact_match(["Karvel", "Zorbia"], ["the karvel.", "x"]) == {"exact_match": 0.5}
+    assert pp.exact_match([["Karvel", "Karvel City"]], ["karvel city"]) == {"exact_match": 1.0}
+    assert pp.token_f1(["Tavo Merkil"], ["Tavo"])["f1"] == pytest.approx(2 / 3)
+    assert pp.token_f1(["a b"], ["c"]) == {"f1": 0.0}
+    assert pp.squad_em_f1(["x y"], ["x y"]) == {"exact_match": 1.0, "f1": 1.0}
+    with pytest.raises(ValueError):
+        pp.exact_match(["a"], [])
+
+
+def test_accuracy():
+    assert pp.accuracy(
+        ["entailment", "neutral", "contradiction"], ["entailment", "neutral", "neutral"]
+    ) == {"accuracy": pytest.approx(2 / 3)}
+    assert pp.accuracy([1, 0], [1, 0]) == {"accuracy": 1.0}
+    assert pp.accuracy([], []) == {"accuracy": 0.0}
+    assert pp.accuracy(["entailment"], ["entailment "]) == {"accuracy": 1.0}
+
+
+def test_task_metrics_on_perfect_and_wrong_predictions():
+    for name, key in (("demo_cbqa", "exact_match"), ("demo_nli", "accuracy")):
+        task = seqio.get_mixture_or_task(name)
+        examples = _canonical(name, "validation")
+        targets = [
+            task.postprocess_fn(ex["targets_pretokenized"], example=ex, is_target=True)
+            for ex in examples
+        ]
+        # Predictions as a model would decode them (str from the vocabulary).
+        decoded = [
+            task.postprocess_fn(demo.VOCABULARY.decode(ex["targets"].tolist()), example=ex)
+            for ex in examples
+        ]
+        assert targets == decoded and all(isinstance(t, str) for t in targets)
+        scores = {}
+        for fn in task.metric_fns:
+            scores.update(fn(targets, decoded))
+        assert scores[key] == 1.0
+        wrong = {}
+        for fn in task.metric_fns:
+            wrong.update(fn(targets, ["nope"] * len(targets)))
+        assert wrong[key] == 0.0
+
+
+# --------------------------------------------------------------------------- #
+# Feature conversion (what the trainer consumes).
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("lengths", [SEQ, {"inputs": 128, "targets": 32}])
+def test_packed_encdec_feature_converter(lengths):
+    ds = seqio.get_dataset(
+        "demo_mixture",
+        task_feature_lengths=lengths,
+        dataset_split="train",
+        shuffle=False,
+        num_epochs=1,
+        use_cached=False,
+        feature_converter=seqio.EncDecFeatureConverter(pack=True),
+    )
+    n_in, n_out = lengths["inputs"], lengths["targets"]
+    expected = {
+        "encoder_input_tokens": n_in,
+        "encoder_segment_ids": n_in,
+        "encoder_positions": n_in,
+        "decoder_target_tokens": n_out,
+        "decoder_input_tokens": n_out,
+        "decoder_loss_weights": n_out,
+        "decoder_segment_ids": n_out,
+        "decoder_positions": n_out,
+    }
+    known = {
+        ex["inputs"]: ex["targets"]
+        for gen in (demo.cbqa_examples, demo.nli_examples)
+        for ex in gen()["train"]
+    }
+    vocab = demo.VOCABULARY
+    max_segments = 0
+    for ex in ds.take(16).as_numpy_iterator():
+        assert {k: v.shape for k, v in ex.items()} == {k: (n,) for k, n in expected.items()}
+        seg, dseg = ex["encoder_segment_ids"], ex["decoder_segment_ids"]
+        assert seg[0] == 1 and dseg[0] == 1
+        assert np.all(np.diff(seg[seg > 0]) >= 0)
+        assert seg.max() == dseg.max()
+        max_segments = max(max_segments, int(seg.max()))
+        # Every packed segment is one real example: inputs and its target.
+        for s in range(1, seg.max() + 1):
+            inputs = ex["encoder_input_tokens"][seg == s].tolist()
+            targets = ex["decoder_target_tokens"][dseg == s].tolist()
+            assert inputs[-1] == EOS and targets[-1] == EOS
+            assert ex["encoder_positions"][seg == s].tolist() == list(range(len(inputs)))
+            text = vocab.decode(inputs)
+            assert known[text] == vocab.decode(targets)
+            # Decoder inputs: the targets shifted right, restarting at each segment.
+            assert ex["decoder_input_tokens"][dseg == s].tolist() == [0] + targets[:-1]
+        np.testing.assert_array_equal(ex["decoder_loss_weights"] > 0, dseg > 0)
+        np.testing.assert_array_equal(ex["encoder_input_tokens"] > 0, seg > 0)
+    # With 128/32 several examples share a row; at 64/16 few pairs fit.
+    if n_in >= 128:
+        assert max_segments >= 2
