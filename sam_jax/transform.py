@@ -115,6 +115,7 @@ def sam(
     adaptive: bool = False,
     adaptive_eta: float = 0.01,
     num_data_shards: int = 1,
+    num_microbatches: int = 1,
 ) -> optax.GradientTransformationExtraArgs:
     """Sharpness-Aware Minimization around any Optax optimizer.
 
@@ -152,6 +153,13 @@ def sam(
       adaptive_eta: η > 0 of ASAM's T_w = |w| + η.
       num_data_shards: shards of the example axis (the data axis of the mesh);
         the ascent micro-batch takes the same number of examples from each.
+      num_microbatches: k ≥ 1, gradient accumulation: the descent gradient is
+        accumulated over k microbatches (each 1/k of every data shard), and the
+        ascent micro-batch over as few microbatches as keep each no larger than
+        a descent one. Activation memory falls by k; the result is the same as
+        with k = 1 (up to summation order) when `loss_fn` ignores `key`. With
+        k > 1 microbatch j gets `fold_in(key, j)`, so dropout masks differ
+        across microbatches.
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose `update` takes keyword
@@ -165,6 +173,8 @@ def sam(
         raise ValueError(f"sharpness_m must be an integer ≥ 1, got {sharpness_m!r}.")
     if not isinstance(num_data_shards, int) or num_data_shards < 1:
         raise ValueError(f"num_data_shards must be an integer ≥ 1, got {num_data_shards!r}.")
+    if not isinstance(num_microbatches, int) or num_microbatches < 1:
+        raise ValueError(f"num_microbatches must be an integer ≥ 1, got {num_microbatches!r}.")
     if adaptive and not adaptive_eta > 0:
         raise ValueError(f"adaptive_eta must be > 0, got {adaptive_eta!r}.")
     if reweight is not None and not isinstance(reweight, reweighting.InstanceReweighting):
@@ -184,24 +194,81 @@ def sam(
             metrics=SamMetrics.zeros(),
         )
 
+    def ascent_gradient(loss_fn, params, ascent_batch, shards, key, noise_key, step_rho, count):
+        """(g, mean clean loss, instance weights) on the ascent micro-batch M.
+
+        g = ∇ Σ_{i∈M} p_i l_i(w), accumulated over `count` microbatches of M. With
+        one microbatch the losses come from the gradient's own forward pass; with
+        several, a reweighting rule needs all of M's losses before any backward
+        pass, which costs one more forward pass.
+        """
+        size = batching.batch_size(ascent_batch)
+
+        def piece_losses(p, piece, index):
+            piece_key = batching.microbatch_key(key, index, count)
+            return batching.per_example_losses(loss_fn, p, piece, piece_key)
+
+        def piece_gradient(piece, index, piece_weights):
+            losses, pullback = jax.vjp(lambda p: piece_losses(p, piece, index), params)
+            (grads,) = pullback(piece_weights.astype(losses.dtype))
+            return grads, jnp.sum(losses.astype(jnp.float32))
+
+        if reweight is None:
+            weights = reweighting.uniform(size)
+            grads, loss_sum = batching.sum_over_microbatches(
+                lambda piece, index: piece_gradient(piece, index, weights[: size // count]),
+                ascent_batch,
+                count,
+                shards,
+            )
+            return grads, loss_sum / size, weights
+
+        if count == 1:
+            clean_losses, pullback = jax.vjp(lambda p: piece_losses(p, ascent_batch, 0), params)
+        else:
+            pieces = batching.microbatches(ascent_batch, count, shards)
+            indices = jnp.arange(count)
+
+            def losses_at(p):  # all of M, in microbatch order
+                losses = jax.lax.map(lambda ip: piece_losses(p, ip[1], ip[0]), (indices, pieces))
+                return losses.reshape(-1)
+
+            clean_losses = losses_at(params)
+        weights = jax.lax.stop_gradient(
+            reweight.weights(
+                (lambda p: piece_losses(p, ascent_batch, 0)) if count == 1 else losses_at,
+                params,
+                clean_losses,
+                noise_key,
+                step_rho,
+            )
+        )
+        if count == 1:
+            (grads,) = pullback(weights.astype(clean_losses.dtype))
+        else:
+            per_piece = weights.reshape(count, -1)
+            grads, _ = batching.sum_over_microbatches(
+                lambda piece, index: piece_gradient(piece, index, per_piece[index]),
+                ascent_batch,
+                count,
+                shards,
+            )
+        return grads, jnp.mean(clean_losses.astype(jnp.float32)), weights
+
     def group_gradient(
         loss_fn, params, group, key, step_rho, noise_key, coordinate_mask, mask_density
     ):
         """Descent gradient and metrics of one group (the whole batch when m = 1)."""
-        group_shards = num_data_shards if sharpness_m == 1 else 1
-        size = batching.ascent_size(batching.batch_size(group), ascent_fraction, group_shards)
-        ascent_batch = batching.ascent_slice(group, size, group_shards)
-
-        def ascent_losses(p):
-            return batching.per_example_losses(loss_fn, p, ascent_batch, key)
-
-        clean_losses, pullback = jax.vjp(ascent_losses, params)
-        if reweight is None:
-            weights = reweighting.uniform(size)
-        else:
-            weights = reweight.weights(ascent_losses, params, clean_losses, noise_key, step_rho)
-            weights = jax.lax.stop_gradient(weights)
-        (ascent_grads,) = pullback(weights.astype(clean_losses.dtype))
+        shards = num_data_shards if sharpness_m == 1 else 1
+        group_size = batching.batch_size(group)
+        size = batching.ascent_size(group_size, ascent_fraction, shards)
+        ascent_batch = batching.ascent_slice(group, size, shards)
+        ascent_count = batching.ascent_microbatch_count(
+            size, group_size // num_microbatches, shards
+        )
+        ascent_grads, clean_loss, weights = ascent_gradient(
+            loss_fn, params, ascent_batch, shards, key, noise_key, step_rho, ascent_count
+        )
         eps = perturbation.ascent_perturbation(
             ascent_grads,
             params,
@@ -209,17 +276,24 @@ def sam(
             mask=coordinate_mask,
             adaptive_eta=adaptive_eta if adaptive else None,
         )
+        adversarial_params = perturbation.perturbed(params, eps.epsilon)
 
-        def descent_loss(p):
-            return jnp.mean(batching.per_example_losses(loss_fn, p, group, key))
+        def descent(piece, index):
+            piece_key = batching.microbatch_key(key, index, num_microbatches)
 
-        perturbed_loss, grads = jax.value_and_grad(descent_loss)(
-            perturbation.perturbed(params, eps.epsilon)
+            def mean_loss(p):
+                return jnp.mean(batching.per_example_losses(loss_fn, p, piece, piece_key))
+
+            return jax.value_and_grad(mean_loss)(adversarial_params)
+
+        loss_sum, grad_sum = batching.sum_over_microbatches(
+            descent, group, num_microbatches, shards
         )
+        grads = jax.tree.map(lambda g: g / num_microbatches, grad_sum)
         spread = reweighting.statistics(weights)
         metrics = SamMetrics(
-            clean_loss=jnp.mean(clean_losses.astype(jnp.float32)),
-            perturbed_loss=perturbed_loss.astype(jnp.float32),
+            clean_loss=clean_loss,
+            perturbed_loss=(loss_sum / num_microbatches).astype(jnp.float32),
             grad_norm=eps.grad_norm,
             perturbation_norm=eps.norm,
             rho=step_rho,

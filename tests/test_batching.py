@@ -59,3 +59,33 @@ def test_per_example_losses_rejects_a_scalar_loss():
 
     with pytest.raises(ValueError, match="per-example losses of shape"):
         batching.per_example_losses(mean_loss, None, jnp.zeros((4,)), None)
+
+
+def test_microbatches_take_the_same_share_of_every_shard():
+    # 12 examples on 2 shards, [0..5] and [6..11]; 3 microbatches of 2 per shard.
+    pieces = batching.microbatches(jnp.arange(12), 3, num_data_shards=2)
+    np.testing.assert_array_equal(pieces, [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10, 11]])
+    np.testing.assert_array_equal(batching.microbatches(jnp.arange(6), 3), [[0, 1], [2, 3], [4, 5]])
+
+
+def test_microbatches_reject_sizes_that_do_not_divide():
+    with pytest.raises(ValueError, match="num_microbatches=4 must be ≥ 1 and, times"):
+        batching.microbatches(jnp.arange(12), 4, num_data_shards=2)
+
+
+def test_sum_over_microbatches_sums_and_passes_the_index():
+    total = batching.sum_over_microbatches(
+        lambda piece, index: (jnp.sum(piece), index), jnp.arange(8.0), 4
+    )
+    np.testing.assert_allclose(total[0], 28.0)
+    assert int(total[1]) == 0 + 1 + 2 + 3
+
+
+@pytest.mark.parametrize(
+    "ascent, microbatch, shards, expected",
+    [(16, 16, 1, 1), (64, 16, 1, 4), (32, 16, 4, 2), (24, 16, 4, 2), (12, 8, 4, 3)],
+)
+def test_ascent_microbatch_count(ascent, microbatch, shards, expected):
+    count = batching.ascent_microbatch_count(ascent, microbatch, shards)
+    assert count == expected
+    assert (ascent // shards) % count == 0

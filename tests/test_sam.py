@@ -512,3 +512,54 @@ def test_update_rejects_gradients_and_a_missing_key_for_delta_sam():
         tx.update(params, tx.init(params), params, loss_fn=reference.loss_fn, batch=batch)
     with pytest.raises(ValueError, match="pass `key`"):
         tx.update(None, tx.init(params), params, loss_fn=reference.loss_fn, batch=batch)
+
+
+@pytest.mark.parametrize("variant", list(_all_variants()))
+@pytest.mark.parametrize("num_microbatches, shards", [(4, 1), (2, 2)])
+def test_microbatched_step_equals_the_full_batch_step(variant, num_microbatches, shards):
+    params, batch = reference.make_problem(num_examples=16)
+    kwargs = dict(_all_variants()[variant])
+    if kwargs.get("sharpness_m", 1) == 1:
+        kwargs["num_data_shards"] = shards
+    elif shards > 1:
+        pytest.skip("m-sharpness groups are contiguous: num_data_shards is not used")
+    full = _train(sam_jax.sam(optax.adamw(1e-2), **kwargs), params, batch)
+    micro = _train(
+        sam_jax.sam(optax.adamw(1e-2), num_microbatches=num_microbatches, **kwargs), params, batch
+    )
+    rtol = 1e-4 if "reweight" in kwargs else 1e-5  # δ-SAM: fp32 finite differences
+    _assert_trees_close(micro[0], full[0], rtol=rtol, atol=1e-6)
+    _assert_trees_close(micro[1].metrics, full[1].metrics, rtol=1e-3, atol=1e-5)
+
+
+def test_num_microbatches_is_validated():
+    with pytest.raises(ValueError, match="num_microbatches must be an integer ≥ 1"):
+        sam_jax.sam(optax.sgd(0.1), num_microbatches=0)
+    params, batch = reference.make_problem(num_examples=8)
+    with pytest.raises(ValueError, match="num_microbatches=3"):
+        _sgd_step(sam_jax.sam(optax.sgd(0.1), num_microbatches=3), params, batch)
+
+
+@pytest.mark.parametrize("rule", [sam_jax.delta_sam(), sam_jax.delta_sam_draft()])
+def test_microbatched_delta_sam_with_a_microbatched_ascent_equals_the_full_step(rule):
+    # f = 1 with 4 microbatches: the ascent itself runs in 4 pieces, the weights
+    # still come from the losses of all of M.
+    params, batch = _mlp_problem()
+    full_tx = sam_jax.sam(optax.adamw(1e-2), reweight=rule)
+    micro_tx = sam_jax.sam(optax.adamw(1e-2), reweight=rule, num_microbatches=4)
+
+    def deterministic_loss(p, b, key):
+        del key
+        x, y = b
+        return (jnp.tanh(x @ p["hidden"]) @ p["out"] - y) ** 2
+
+    results = []
+    for tx in (full_tx, micro_tx):
+        state = tx.init(params)
+        updates, state = tx.update(
+            None, state, params, loss_fn=deterministic_loss, batch=batch, key=jax.random.key(0)
+        )
+        results.append((updates, state.metrics))
+    _assert_trees_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-7)
+    # The smallest weight is the noisiest fp32 finite difference (see the sharded test).
+    _assert_trees_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-4)

@@ -1,0 +1,354 @@
+#!/usr/bin/env bash
+# launch_tpu.sh: create, provision and drive sam_jax training on a Cloud TPU VM
+# (single host or pod slice) through `gcloud compute tpus tpu-vm`.
+# The usage text is in usage() directly below; `./launch_tpu.sh help` prints it.
+set -euo pipefail
+
+PROG=${0##*/}
+
+usage() {
+  cat <<EOF
+Usage: $PROG [--dry-run] COMMAND [ARGS]
+
+Drive sam_jax training on a Cloud TPU VM (single host or pod slice) through
+'gcloud compute tpus tpu-vm'. Commands act on every worker unless noted.
+
+Commands:
+  create             create the TPU VM (Spot with SPOT=1, preemptible with PREEMPTIBLE=1)
+  sync               copy the git-tracked files of this repository (with uncommitted
+                     edits) into REPO_DIR on every worker; git add new files first;
+                     files deleted here are not deleted on the workers
+  setup              create VENV if absent, pip install -U pip, pip install -e ".[tpu]"
+                     in REPO_DIR; safe to re-run
+  run -- ARGS...     start 'python -m sam_jax.train --gin.MODEL_DIR=\$BUCKET/\$RUN_NAME ARGS...'
+                     with nohup on every worker; log: ~/logs/\$RUN_NAME.<hostname>.log
+  logs [--worker=N]  follow the training log of worker N (default 0)
+  kill               stop training on every worker and free the TPU (kill whatever
+                     still holds /dev/accel* or /dev/vfio/*, remove /tmp/libtpu_lockfile)
+  delete             delete the TPU VM
+  help               print this text
+
+Options (before COMMAND):
+  --dry-run          print every command, shell-quoted and prefixed '+ ', and run
+                     nothing (also DRY_RUN=1); needs no gcloud
+
+Environment (a command needs only the variables it uses):
+  TPU_NAME          name of the TPU VM                                 all commands
+  ZONE              the TPU's zone, e.g. us-central2-b                 all commands
+  PROJECT           Google Cloud project ID                            all commands
+  ACCELERATOR_TYPE  TPU type and size, e.g. v4-32                      create
+  RUNTIME_VERSION   TPU VM software version, e.g. tpu-ubuntu2204-base  create
+  BUCKET            GCS bucket for checkpoints, e.g. gs://my-bucket    run
+  RUN_NAME          run name (letters, digits, . _ -); MODEL_DIR is    run, logs
+                    \$BUCKET/\$RUN_NAME
+Optional:
+  REPO_DIR          repository on the workers (default ~/sam_jax; write '~/...'
+                    in quotes so that ~ means the home directory on the TPU)
+  VENV              virtualenv on the workers (default ~/sam_jax_venv)
+  PYTHON            interpreter for a new VENV (default python3.11; setup installs
+                    PYTHON and PYTHON-venv with apt-get if the venv cannot be made)
+  SPOT=1, PREEMPTIBLE=1   create a Spot / preemptible TPU
+  DRY_RUN=1         same as --dry-run
+
+Example:
+  export TPU_NAME=sam-v4 ZONE=us-central2-b PROJECT=my-project ACCELERATOR_TYPE=v4-32 \\
+         RUNTIME_VERSION=tpu-ubuntu2204-base BUCKET=gs://my-bucket RUN_NAME=finetune-1
+  $PROG create && $PROG sync && $PROG setup
+  $PROG run -- --gin_file=gin/runs/finetune.gin --gin.TRAIN_STEPS=10
+  $PROG logs
+EOF
+}
+
+# --- helpers -----------------------------------------------------------------
+
+DRY=0
+
+die() {  # one-line usage error, exit 2
+  printf '%s: %s\n' "$PROG" "$*" >&2
+  exit 2
+}
+
+is_true() {
+  case ${1:-} in
+    1 | [Tt]rue | TRUE | [Yy]es | YES | [Oo]n | ON) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+describe() {  # what each required variable is for (used in error messages)
+  case $1 in
+    TPU_NAME) echo "the name of the TPU VM, e.g. sam-v4-32" ;;
+    ZONE) echo "the TPU's zone, e.g. us-central2-b" ;;
+    PROJECT) echo "the Google Cloud project ID" ;;
+    ACCELERATOR_TYPE) echo "the TPU type and size, e.g. v4-32" ;;
+    RUNTIME_VERSION) echo "the TPU VM software version, e.g. tpu-ubuntu2204-base" ;;
+    BUCKET) echo "the GCS bucket for checkpoints, e.g. gs://my-bucket" ;;
+    RUN_NAME) echo "the run name; MODEL_DIR is \$BUCKET/\$RUN_NAME, e.g. finetune-1" ;;
+    *) echo "required" ;;
+  esac
+}
+
+require() {  # require VAR...: each must be set and non-empty
+  local var
+  for var in "$@"; do
+    if [[ -z ${!var:-} ]]; then
+      die "$var is not set ($(describe "$var"))"
+    fi
+  done
+}
+
+quote_word() {  # quote one word for a POSIX shell, like Python's shlex.quote
+  local w=$1 q='' safe='^[A-Za-z0-9_@%+=:,./-]+$'
+  if [[ $w =~ $safe ]]; then
+    printf '%s' "$w"
+    return
+  fi
+  while [[ $w == *\'* ]]; do
+    q+="${w%%\'*}'\\''"
+    w=${w#*\'}
+  done
+  printf "'%s'" "$q$w"
+}
+
+quote_cmd() {  # quote_cmd WORD...: the words as one pasteable command line
+  local w sep=''
+  for w in "$@"; do
+    printf '%s' "$sep"
+    quote_word "$w"
+    sep=' '
+  done
+}
+
+announce() {  # '+ COMMAND': on stdout for --dry-run, else on stderr as a trace
+  if ((DRY)); then
+    printf '+ %s\n' "$1"
+  else
+    printf '+ %s\n' "$1" >&2
+  fi
+}
+
+run_cmd() {  # run_cmd CMD ARG...: announce, then run unless --dry-run
+  announce "$(quote_cmd "$@")"
+  if ((DRY)); then
+    return 0
+  fi
+  "$@"
+}
+
+remote_path() {  # a path for the worker's shell: ~ becomes "$HOME", the rest quoted
+  local p=$1
+  if [[ $p == "~" ]]; then
+    printf '%s' "\"\$HOME\""
+  elif [[ $p == \~/* ]]; then
+    printf '%s/%s' "\"\$HOME\"" "$(quote_word "${p#"~/"}")"
+  else
+    quote_word "$p"
+  fi
+}
+
+no_args() {  # no_args COMMAND ARG...: COMMAND takes no arguments
+  local cmd=$1
+  shift
+  if (($#)); then
+    die "$cmd takes no arguments (got: $*)"
+  fi
+}
+
+gcloud_tpu() {  # gcloud_tpu VERB ARG...: a gcloud tpu-vm command on $TPU_NAME
+  local verb=$1
+  shift
+  run_cmd gcloud compute tpus tpu-vm "$verb" "$TPU_NAME" \
+    --zone="$ZONE" --project="$PROJECT" "$@"
+}
+
+on_workers() {  # on_workers WORKER COMMAND: run a shell command over ssh
+  gcloud_tpu ssh --worker="$1" --command="$2"
+}
+
+require_tpu() {
+  require TPU_NAME ZONE PROJECT
+}
+
+# Remote paths (for the worker's shell) of the repository and the virtualenv.
+repo_q() { remote_path "${REPO_DIR:-~/sam_jax}"; }
+venv_q() { remote_path "${VENV:-~/sam_jax_venv}"; }
+
+# Matches the training process started by `run` (its command line begins with
+# the venv's python), but not the `bash -c '...'` shell that ssh starts to run
+# this very pattern, whose command line begins with "bash".
+TRAIN_PATTERN='^[^ ]*python[0-9.]* .*-m sam_jax[.]train'
+
+# --- commands ----------------------------------------------------------------
+
+cmd_create() {
+  no_args create "$@"
+  require_tpu
+  require ACCELERATOR_TYPE RUNTIME_VERSION
+  local -a extra=()
+  if is_true "${SPOT:-}" && is_true "${PREEMPTIBLE:-}"; then
+    die "SPOT and PREEMPTIBLE are mutually exclusive; set only one"
+  elif is_true "${SPOT:-}"; then
+    extra=(--spot)
+  elif is_true "${PREEMPTIBLE:-}"; then
+    extra=(--preemptible)
+  fi
+  # ${extra[@]+...}: an empty array is "unbound" under set -u in bash < 4.4.
+  gcloud_tpu create --accelerator-type="$ACCELERATOR_TYPE" \
+    --version="$RUNTIME_VERSION" ${extra[@]+"${extra[@]}"}
+}
+
+cmd_sync() {
+  no_args sync "$@"
+  require_tpu
+  local root tmp remote_tar repo
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+  tmp=${TMPDIR:-/tmp}
+  # Global, so that the EXIT trap can still see it after this function returns.
+  SYNC_TARBALL="${tmp%/}/launch_tpu.$UID.$TPU_NAME.tar.gz"
+  remote_tar=launch_tpu_sync.tar.gz  # relative: lands in the worker's home
+  repo=$(repo_q)
+
+  # A tarball of exactly the tracked files (working-tree contents, so
+  # uncommitted edits are included; untracked and ignored files are not).
+  local -a list=(git -C "$root" ls-files -z)
+  local -a pack=(tar -czf "$SYNC_TARBALL" -C "$root" --null -T -)
+  announce "$(quote_cmd "${list[@]}") | $(quote_cmd "${pack[@]}")"
+  if ((!DRY)); then
+    # Do not leave the tarball behind if the upload fails.
+    trap 'rm -f "$SYNC_TARBALL"' EXIT
+    COPYFILE_DISABLE=1 "${list[@]}" | COPYFILE_DISABLE=1 "${pack[@]}"  # no ._* files on macOS
+  fi
+  run_cmd gcloud compute tpus tpu-vm scp "$SYNC_TARBALL" "$TPU_NAME:$remote_tar" \
+    --zone="$ZONE" --project="$PROJECT" --worker=all
+  on_workers all "mkdir -p $repo && tar -xzf \"\$HOME\"/$remote_tar -C $repo \
+&& rm -f \"\$HOME\"/$remote_tar"
+  run_cmd rm -f "$SYNC_TARBALL"
+}
+
+cmd_setup() {
+  no_args setup "$@"
+  require_tpu
+  local repo venv py apt script
+  repo=$(repo_q)
+  venv=$(venv_q)
+  py=$(quote_word "${PYTHON:-python3.11}")
+  apt="sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q"
+  script="test -f $repo/setup.py || { printf '%s: %s not found; run sync first\\n'"
+  script+=" \"\$(hostname)\" $repo/setup.py >&2; exit 1; }"
+  # The venv counts as present once it has pip: a venv that failed half-way
+  # (Ubuntu without pythonX.Y-venv) is completed by running venv again.
+  script+=" && if [ ! -x $venv/bin/pip ]; then"
+  script+=" $py -m venv $venv || { $apt $py $py-venv && $py -m venv $venv; }; fi"
+  script+=" && $venv/bin/python -m pip install -U pip"
+  script+=" && cd $repo && $venv/bin/python -m pip install -e '.[tpu]'"
+  on_workers all "$script"
+}
+
+cmd_run() {
+  if (($#)) && [[ $1 != "--" ]]; then
+    die "run: put the training arguments after --, e.g. run -- --gin_file=gin/runs/finetune.gin"
+  fi
+  if (($#)); then
+    shift
+  fi
+  require_tpu
+  require BUCKET RUN_NAME
+  local gcs_root=${BUCKET%/} run_name_re='^[A-Za-z0-9._-]+$'
+  if [[ $gcs_root != gs://?* ]]; then
+    die "BUCKET must be a gs:// URL (got: $BUCKET)"
+  fi
+  if [[ ! $RUN_NAME =~ $run_name_re ]]; then
+    die "RUN_NAME may contain only letters, digits, '.', '_' and '-' (got: $RUN_NAME)"
+  fi
+  local repo venv log train script
+  repo=$(repo_q)
+  venv=$(venv_q)
+  log="\"\$HOME\"/logs/$RUN_NAME.\$(hostname).log"
+  # printf %q quotes each word for the worker's (bash) shell; MODEL_DIR is a
+  # gin string, hence the inner single quotes.
+  train="$venv/bin/python -u -m sam_jax.train"
+  train+=" $(printf '%q' "--gin.MODEL_DIR='$gcs_root/$RUN_NAME'")"
+  if (($#)); then
+    train+=$(printf ' %q' "$@")
+  fi
+  script="if pgrep -f '$TRAIN_PATTERN' >/dev/null; then echo"
+  script+=" \"\$(hostname): sam_jax.train is already running; use kill first\" >&2; exit 1; fi"
+  script+=" && test -x $venv/bin/python || { printf '%s: %s not found; run setup first\\n'"
+  script+=" \"\$(hostname)\" $venv/bin/python >&2; exit 1; }"
+  script+=" && cd $repo && mkdir -p \"\$HOME\"/logs"
+  script+=" && { nohup $train > $log 2>&1 < /dev/null & }"
+  script+=" && printf '%s: started pid %s, log %s\\n' \"\$(hostname)\" \"\$!\" $log"
+  on_workers all "$script"
+}
+
+cmd_logs() {
+  local worker=0 arg
+  for arg in "$@"; do
+    case $arg in
+      --worker=*) worker=${arg#--worker=} ;;
+      *) die "logs: unknown argument: $arg (expected --worker=N)" ;;
+    esac
+  done
+  if [[ ! $worker =~ ^[0-9]+$ ]]; then
+    die "logs: --worker must be a worker number, e.g. --worker=0 (got: $worker)"
+  fi
+  require_tpu
+  require RUN_NAME
+  on_workers "$worker" "tail -n 100 -F \"\$HOME\"/logs/$(quote_word "$RUN_NAME").\$(hostname).log"
+}
+
+cmd_kill() {
+  no_args kill "$@"
+  require_tpu
+  # SIGTERM the trainer, give it a moment, then SIGKILL whatever still holds
+  # the TPU device files and remove libtpu's lock so the next run can start.
+  local script="if pkill -f '$TRAIN_PATTERN'; then sleep 5; fi"
+  script+="; sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | xargs -r sudo kill -9"
+  script+="; sudo rm -f /tmp/libtpu_lockfile"
+  on_workers all "$script"
+}
+
+cmd_delete() {
+  no_args delete "$@"
+  require_tpu
+  gcloud_tpu delete --quiet
+}
+
+main() {
+  if is_true "${DRY_RUN:-}"; then
+    DRY=1
+  fi
+  while (($#)); do
+    case $1 in
+      --dry-run) DRY=1 ;;
+      -h | --help)
+        usage
+        exit 0
+        ;;
+      -*)
+        printf '%s: unknown option: %s\n\n' "$PROG" "$1" >&2
+        usage >&2
+        exit 2
+        ;;
+      *) break ;;
+    esac
+    shift
+  done
+  if (($# == 0)); then
+    usage
+    exit 0
+  fi
+  local cmd=$1
+  shift
+  case $cmd in
+    create | sync | setup | run | logs | kill | delete) "cmd_$cmd" "$@" ;;
+    help) usage ;;
+    *)
+      printf '%s: unknown command: %s\n\n' "$PROG" "$cmd" >&2
+      usage >&2
+      exit 2
+      ;;
+  esac
+}
+
+main "$@"
