@@ -1,0 +1,266 @@
+"""Cost of each SAM variant relative to the plain optimizer, measured side by side.
+
+A T5.1.1-style encoder-decoder of a few million parameters is trained with
+AdamW on a batch of 64 examples × 128 tokens (96 input + 32 target), with
+dropout. For every variant the script reports, relative to plain AdamW:
+
+* time: median wall-clock time of one jitted step; the variants are run in
+  interleaved rounds (plain, contrib, SAM, …, plain, contrib, …) so that
+  machine noise affects them alike;
+* FLOPs: XLA's `cost_analysis()` of the compiled step (machine-independent);
+* temp memory: XLA's `memory_analysis().temp_size_in_bytes`, in parameter
+  copies above plain's.
+
+FSAM's mask is refreshed once every `interval` steps: its time and FLOPs are
+amortised, ((interval − 1)·ordinary + refresh) / interval. Per-instance SAM
+materialises one gradient per example, so it runs on a smaller batch and is
+compared with plain AdamW on that same batch.
+
+Usage: python benchmarks/transforms.py [--rounds=5] [--markdown]
+"""
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app
+from absl import flags
+
+import sam_jax
+from sam_jax.models import t5
+
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds over all variants.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
+_PER_INSTANCE_BATCH = flags.DEFINE_integer("per_instance_batch", 8, "Batch of per-instance SAM.")
+_MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown.")
+
+INPUT_LENGTH, TARGET_LENGTH = 96, 32
+FSAM_INTERVAL = 100
+
+
+@dataclasses.dataclass
+class Variant:
+    """One optimizer to measure: a jitted step and its compiled cost."""
+
+    name: str
+    step: Callable
+    state: object
+    batch: dict
+    flops: float
+    temp_bytes: int
+    baseline: str = "AdamW"
+    refresh_state: object = None  # FSAM: a state whose next step refreshes the mask
+    refresh_flops: float = 0.0
+    times: list = dataclasses.field(default_factory=list)
+    refresh_times: list = dataclasses.field(default_factory=list)
+
+
+def make_model():
+    config = t5.T5Config(
+        vocab_size=2048,
+        emb_dim=256,
+        num_heads=4,
+        head_dim=64,
+        mlp_dim=1024,
+        num_encoder_layers=2,
+        num_decoder_layers=2,
+        dropout_rate=0.1,
+    )
+    params = nn.meta.unbox(t5.init_variables(config, jax.random.key(0))["params"])
+    return t5.Transformer(config), params
+
+
+def make_batch(num_examples, seed=0):
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(1, 2048, (num_examples, TARGET_LENGTH), dtype=np.int32)
+    return {
+        "encoder_input_tokens": rng.integers(1, 2048, (num_examples, INPUT_LENGTH), np.int32),
+        "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
+        "decoder_target_tokens": targets,
+    }
+
+
+def make_loss_fn(model):
+    def loss_fn(params, batch, key):
+        logits = model.apply(
+            {"params": params},
+            batch["encoder_input_tokens"],
+            batch["decoder_input_tokens"],
+            batch["decoder_target_tokens"],
+            rngs={"dropout": key},
+        )
+        weights = (batch["decoder_target_tokens"] > 0).astype(jnp.float32)
+        return t5.per_example_cross_entropy(
+            logits, batch["decoder_target_tokens"], weights, example_normalizer=TARGET_LENGTH
+        )
+
+    return loss_fn
+
+
+def compile_variant(name, tx, params, batch, loss_fn, plain, baseline="AdamW"):
+    """Jits one step of `tx` (a SAM transform, or the plain optimizer if `plain`)."""
+
+    def step(p, state, key):
+        if plain:
+            grads = jax.grad(lambda q: jnp.mean(loss_fn(q, batch, key)))(p)
+            updates, state = tx.update(grads, state, p)
+        elif isinstance(state, optax.contrib.SAMState):
+            grads = jax.grad(lambda q: jnp.mean(loss_fn(q, batch, key)))(p)
+            grad_fn = jax.grad(lambda q, _: jnp.mean(loss_fn(q, batch, key)))
+            updates, state = tx.update(grads, state, p, grad_fn=grad_fn)
+        else:
+            updates, state = tx.update(None, state, p, loss_fn=loss_fn, batch=batch, key=key)
+        return optax.apply_updates(p, updates), state
+
+    state = tx.init(params)
+    compiled = jax.jit(step).lower(params, state, jax.random.key(0)).compile()
+    return Variant(
+        name=name,
+        step=compiled,
+        state=state,
+        batch=batch,
+        flops=compiled.cost_analysis()["flops"],
+        temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
+        baseline=baseline,
+    )
+
+
+def refresh_flops(mask, params, batch, loss_fn, state):
+    """FLOPs of one Fisher-mask refresh (XLA counts the costlier branch of a cond)."""
+    refresh = jax.jit(
+        lambda p, s: mask.update(s, jnp.int32(0), p, loss_fn, batch, jax.random.key(0))
+    )
+    return refresh.lower(params, state.mask_state).compile().cost_analysis()["flops"]
+
+
+def build_variants(model, params):
+    loss_fn = make_loss_fn(model)
+    batch = make_batch(_BATCH.value)
+    small_batch = make_batch(_PER_INSTANCE_BATCH.value)
+    adamw = optax.adamw(1e-4)
+    rho = 0.05
+    quarter = dict(rho=rho, ascent_fraction=0.25)
+    fisher = sam_jax.fisher_mask(sparsity=0.9, interval=FSAM_INTERVAL)
+    contrib = optax.contrib.sam(
+        adamw,
+        optax.chain(optax.contrib.normalize(), optax.sgd(rho)),
+        sync_period=2,
+        opaque_mode=True,
+    )
+    small = f"AdamW (batch {_PER_INSTANCE_BATCH.value})"
+    specs = [
+        ("AdamW", adamw, batch, True, "AdamW"),
+        ("optax.contrib.sam", contrib, batch, False, "AdamW"),
+        ("SAM f=1", sam_jax.sam(adamw, rho=rho), batch, False, "AdamW"),
+        ("SAM f=1/4", sam_jax.sam(adamw, **quarter), batch, False, "AdamW"),
+        (
+            "δ-SAM f=1/4",
+            sam_jax.sam(adamw, **quarter, reweight=sam_jax.delta_sam(1e-4)),
+            batch,
+            False,
+            "AdamW",
+        ),
+        (
+            "δ-SAM draft f=1/4",
+            sam_jax.sam(adamw, **quarter, reweight=sam_jax.delta_sam_draft(3.0)),
+            batch,
+            False,
+            "AdamW",
+        ),
+        ("FSAM f=1/4", sam_jax.sam(adamw, **quarter, mask=fisher), batch, False, "AdamW"),
+        ("ASAM f=1", sam_jax.sam(adamw, rho=0.5, adaptive=True), batch, False, "AdamW"),
+        (small, adamw, small_batch, True, small),
+        ("per-instance SAM", sam_jax.per_instance_sam(adamw, rho), small_batch, False, small),
+    ]
+    variants = {}
+    for name, tx, data, plain, baseline in specs:
+        variant = compile_variant(name, tx, params, data, loss_fn, plain, baseline)
+        if name.startswith("FSAM"):
+            # The state after init refreshes at count 0; count 1 is an ordinary step.
+            variant.refresh_state = variant.state
+            variant.state = variant.state._replace(count=jnp.int32(1))
+            variant.refresh_flops = refresh_flops(fisher, params, data, loss_fn, variant.state)
+        variants[name] = variant
+        print(f"compiled {name}", flush=True)
+    return variants
+
+
+def timed(step, params, state, key):
+    start = time.perf_counter()
+    jax.block_until_ready(step(params, state, key))
+    return time.perf_counter() - start
+
+
+def measure(variants, params, rounds):
+    key = jax.random.key(1)
+    for variant in variants.values():  # warm-up
+        timed(variant.step, params, variant.state, key)
+    for r in range(rounds):
+        for variant in variants.values():
+            variant.times.append(timed(variant.step, params, variant.state, key))
+            if variant.refresh_state is not None:
+                variant.refresh_times.append(
+                    timed(variant.step, params, variant.refresh_state, key)
+                )
+        print(f"round {r + 1}/{rounds}", flush=True)
+
+
+def amortized(ordinary, refresh):
+    return ((FSAM_INTERVAL - 1) * ordinary + refresh) / FSAM_INTERVAL
+
+
+def report(variants, param_bytes):
+    rows = []
+    for variant in variants.values():
+        base = variants[variant.baseline]
+        seconds = statistics.median(variant.times)
+        flops = variant.flops
+        if variant.refresh_state is not None:
+            seconds = amortized(seconds, statistics.median(variant.refresh_times))
+            flops = amortized(flops - variant.refresh_flops, flops)
+        base_seconds = statistics.median(base.times)
+        rows.append(
+            (
+                variant.name,
+                1e3 * seconds,
+                seconds / base_seconds,
+                flops / base.flops,
+                (variant.temp_bytes - base.temp_bytes) / param_bytes,
+            )
+        )
+    header = ("variant", "ms/step", "time ×", "FLOPs ×", "temp mem − plain (param copies)")
+    if _MARKDOWN.value:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "---|" * len(header))
+        for name, ms, t, f, m in rows:
+            print(f"| {name} | {ms:.0f} | {t:.2f} | {f:.2f} | {m:+.2f} |")
+    else:
+        print(f"{header[0]:<24}{header[1]:>9}{header[2]:>8}{header[3]:>9}  {header[4]}")
+        for name, ms, t, f, m in rows:
+            print(f"{name:<24}{ms:>9.0f}{t:>8.2f}{f:>9.2f}  {m:+.2f}")
+
+
+def main(argv):
+    del argv
+    model, params = make_model()
+    num_params = sum(p.size for p in jax.tree.leaves(params))
+    param_bytes = sum(p.nbytes for p in jax.tree.leaves(params))
+    print(
+        f"{num_params / 1e6:.2f} M parameters, batch {_BATCH.value} × "
+        f"{INPUT_LENGTH + TARGET_LENGTH} tokens, {jax.device_count()} {jax.default_backend()} "
+        f"device(s), jax {jax.__version__}",
+        flush=True,
+    )
+    variants = build_variants(model, params)
+    measure(variants, params, _ROUNDS.value)
+    report(variants, param_bytes)
+
+
+if __name__ == "__main__":
+    app.run(main)
