@@ -432,6 +432,25 @@ def test_bfloat16_parameters_are_perturbed_in_float32_and_kept_exactly():
     assert all(np.isfinite(np.asarray(u, np.float32)).all() for u in jax.tree.leaves(updates))
 
 
+def test_bfloat16_activations_still_give_a_float32_perturbation_of_norm_rho():
+    params, batch = reference.make_problem(num_examples=8)
+
+    def bf16_loss(p, b, key):  # the model computes and returns its losses in bfloat16
+        low = jax.tree.map(lambda v: v.astype(jnp.bfloat16), (p, b))
+        return reference.loss_fn(*low, key)
+
+    for kwargs in _all_variants().values():
+        tx = sam_jax.sam(optax.adamw(1e-2), rho=0.05, **kwargs)
+        updates, state = tx.update(
+            None, tx.init(params), params, loss_fn=bf16_loss, batch=batch, key=jax.random.key(0)
+        )
+        assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
+        assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
+        assert state.metrics.clean_loss.dtype == jnp.float32
+        if "mask" not in kwargs and "adaptive" not in kwargs:
+            np.testing.assert_allclose(state.metrics.perturbation_norm, 0.05, rtol=1e-5)
+
+
 def test_delta_sam_passes_share_the_dropout_key():
     params, batch = _mlp_problem()
     keys = []
