@@ -50,21 +50,10 @@ def per_instance_sam(
     optimizer = optax.with_extra_args_support(optimizer)
 
     def init_fn(params):
-        return transform.SamState(
-            count=jnp.zeros((), jnp.int32),
-            inner_state=optimizer.init(params),
-            mask_state=optax.EmptyState(),
-            metrics=transform.SamMetrics.zeros(),
-        )
+        return transform.init_state(optimizer, params)
 
     def update_fn(updates, state, params=None, *, loss_fn=None, batch=None, key=None, **extra):
-        if updates is not None:
-            raise ValueError(
-                "per_instance_sam computes its own gradients: call update(None, state, "
-                "params, loss_fn=..., batch=..., key=...)."
-            )
-        if params is None or loss_fn is None or batch is None:
-            raise ValueError("per_instance_sam's update needs `params`, `loss_fn` and `batch`.")
+        transform.check_update_arguments("per_instance_sam", updates, params, loss_fn, batch)
         step_rho = transform.rho_at(rho, state.count)
 
         def example_step(example):

@@ -105,6 +105,27 @@ def rho_at(rho: ScalarOrSchedule, count: jax.Array) -> jax.Array:
     return jnp.asarray(rho(count) if callable(rho) else rho, jnp.float32)
 
 
+def init_state(optimizer, params, mask=None) -> SamState:
+    """The state of a SAM transformation before its first step."""
+    return SamState(
+        count=jnp.zeros((), jnp.int32),
+        inner_state=optimizer.init(params),
+        mask_state=optax.EmptyState() if mask is None else mask.init(params),
+        metrics=SamMetrics.zeros(),
+    )
+
+
+def check_update_arguments(name: str, updates, params, loss_fn, batch) -> None:
+    """Rejects gradients passed in, and a missing `params`, `loss_fn` or `batch`."""
+    if updates is not None:
+        raise ValueError(
+            f"{name} computes its own gradients: call update(None, state, params, "
+            "loss_fn=..., batch=..., key=...)."
+        )
+    if params is None or loss_fn is None or batch is None:
+        raise ValueError(f"{name}'s update needs `params`, `loss_fn` and `batch`.")
+
+
 def sam(
     optimizer: optax.GradientTransformation,
     rho: ScalarOrSchedule = 0.05,
@@ -187,12 +208,7 @@ def sam(
     optimizer = optax.with_extra_args_support(optimizer)
 
     def init_fn(params):
-        return SamState(
-            count=jnp.zeros((), jnp.int32),
-            inner_state=optimizer.init(params),
-            mask_state=optax.EmptyState() if mask is None else mask.init(params),
-            metrics=SamMetrics.zeros(),
-        )
+        return init_state(optimizer, params, mask)
 
     def ascent_gradient(loss_fn, params, ascent_batch, shards, key, noise_key, step_rho, count):
         """(g, mean clean loss, instance weights) on the ascent micro-batch M.
@@ -305,13 +321,7 @@ def sam(
         return grads, metrics
 
     def update_fn(updates, state, params=None, *, loss_fn=None, batch=None, key=None, **extra):
-        if updates is not None:
-            raise ValueError(
-                "sam computes its own gradients: call update(None, state, params, "
-                "loss_fn=..., batch=..., key=...)."
-            )
-        if params is None or loss_fn is None or batch is None:
-            raise ValueError("sam's update needs `params`, `loss_fn` and `batch`.")
+        check_update_arguments("sam", updates, params, loss_fn, batch)
         if reweight is not None and key is None:
             raise ValueError(
                 f"reweight={reweight.name} draws a random perturbation every step: pass `key`."
