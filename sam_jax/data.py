@@ -1,0 +1,258 @@
+"""The seqio input pipeline: deterministic, resumable training batches and eval sets.
+
+Training reads a seqio Task or Mixture shuffled with a fixed seed and repeated
+forever, converts it with T5X's `EncDecFeatureConverter` (optionally packing
+several examples per row) and batches it per process. The order of the batches
+depends only on the seed and the input shard, so a run resumed at step k skips k
+batches and continues exactly as the uninterrupted run::
+
+  batches = train_batches(
+      "demo_mixture",
+      sequence_length={"inputs": 64, "targets": 16},
+      global_batch_size=32,
+      seed=0,
+      start_step=restored_step,
+  )
+  batch = next(batches)  # {"encoder_input_tokens": int32 [32, 64], ...}
+
+Evaluation reads every sub-task of a mixture that has metrics, unshuffled, into
+padded batches with an `example_mask`, along with the postprocessed targets
+that seqio metric functions take.
+
+Tasks and mixtures must be registered first (`import tasks` for this project's).
+"""
+
+import difflib
+from collections.abc import Iterator
+from collections.abc import Mapping
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import seqio
+import tensorflow as tf
+
+# The features of `seqio.EncDecFeatureConverter` (T5X's encoder-decoder models).
+ENC_DEC_FEATURES = (
+    "encoder_input_tokens",
+    "decoder_input_tokens",
+    "decoder_target_tokens",
+    "decoder_loss_weights",
+)
+# What packing adds: which example a token belongs to, and its position in it.
+PACKING_FEATURES = (
+    "encoder_segment_ids",
+    "encoder_positions",
+    "decoder_segment_ids",
+    "decoder_positions",
+)
+# In eval batches: 1 for a real example, 0 for a row that pads the last batch.
+EXAMPLE_MASK = "example_mask"
+
+_MAX_NAMES_LISTED = 40
+
+
+def registered_names() -> list[str]:
+    """The names of every registered seqio Task and Mixture, sorted."""
+    return sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+
+
+def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
+    """The registered seqio Task or Mixture called `name`.
+
+    Raises:
+      ValueError: for an unknown name, listing the registered names (and the
+        closest ones first).
+    """
+    names = registered_names()
+    if name in names:
+        return seqio.get_mixture_or_task(name)
+    close = difflib.get_close_matches(name, names, n=3)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    listed = ", ".join(names[:_MAX_NAMES_LISTED])
+    if len(names) > _MAX_NAMES_LISTED:
+        listed += f", ... ({len(names) - _MAX_NAMES_LISTED} more)"
+    raise ValueError(
+        f"Unknown seqio task or mixture {name!r}.{hint} Registered ({len(names)}): "
+        f"{listed or 'none'}. Import the module that registers it (e.g. `import tasks`)."
+    )
+
+
+def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.with_options(options)
+
+
+def train_batches(
+    mixture_or_task_name: str,
+    *,
+    sequence_length: Mapping[str, int],
+    global_batch_size: int,
+    seed: int,
+    pack: bool = False,
+    start_step: int = 0,
+    split: str = "train",
+    shard_id: int | None = None,
+    num_shards: int | None = None,
+) -> Iterator[dict[str, np.ndarray]]:
+    """An endless, deterministic iterator over this process's training batches.
+
+    Args:
+      mixture_or_task_name: a registered seqio Task or Mixture.
+      sequence_length: {'inputs': ..., 'targets': ...}; longer examples are
+        truncated, shorter ones padded (or packed).
+      global_batch_size: examples per step over all processes.
+      seed: drives the shuffle of every task and the mixture's sampling.
+      pack: pack several examples per row (adds `PACKING_FEATURES`).
+      start_step: skip this many batches (resuming at step `start_step`).
+      split: the split to read.
+      shard_id: this process's input shard; default `jax.process_index()`
+        (pass `Partitioner.data_layout.shard_id` when the model axis spans processes).
+      num_shards: the number of input shards; default `jax.process_count()`.
+
+    Returns:
+      An iterator of {feature: np.ndarray [global_batch_size / num_shards, length]}
+      (int32), feature names `ENC_DEC_FEATURES` (+ `PACKING_FEATURES`).
+
+    Raises:
+      ValueError: for an unknown name or a batch size not divisible by `num_shards`.
+    """
+    shard_id = jax.process_index() if shard_id is None else shard_id
+    num_shards = jax.process_count() if num_shards is None else num_shards
+    if global_batch_size < 1 or global_batch_size % num_shards:
+        raise ValueError(
+            f"The global batch size {global_batch_size} must be a positive multiple of the "
+            f"number of input shards (processes) {num_shards}."
+        )
+    provider = get_mixture_or_task(mixture_or_task_name)
+    ds = provider.get_dataset(
+        sequence_length=dict(sequence_length),
+        split=split,
+        use_cached=False,
+        shuffle=True,
+        seed=seed,
+        shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
+        num_epochs=None,
+    )
+    ds = seqio.EncDecFeatureConverter(pack=pack)(ds, dict(sequence_length))
+    ds = ds.batch(global_batch_size // num_shards, drop_remainder=True)
+    ds = _deterministic(ds.skip(start_step))
+    return ds.as_numpy_iterator()
+
+
+class EvalTask(NamedTuple):
+    """One task's evaluation set, ready for a model and seqio's metric functions.
+
+    Attributes:
+      name: the task's name.
+      batches: {feature: np.ndarray [batch_size, length]} dicts with the
+        `ENC_DEC_FEATURES` and `EXAMPLE_MASK` (int32 [batch_size], 0 on the rows
+        that pad the last batch); every process holds all of them.
+      targets: the postprocessed target of each real example, in order (what
+        `task.metric_fns` take as targets).
+      task: the `seqio.Task` (its `postprocess_fn` and `metric_fns`).
+      inputs_text: the input text of each real example, in order.
+    """
+
+    name: str
+    batches: list[dict[str, np.ndarray]]
+    targets: list[Any]
+    task: seqio.Task
+    inputs_text: list[str]
+
+
+def _text(example: Mapping[str, Any], feature: str, task: seqio.Task) -> str:
+    """The raw text of a feature: '<feature>_pretokenized', else decoded ids."""
+    if f"{feature}_pretokenized" in example:
+        return tf.compat.as_text(example[f"{feature}_pretokenized"])
+    return task.output_features[feature].vocabulary.decode(example[feature].tolist())
+
+
+def _padded_batches(features: list[dict[str, np.ndarray]], batch_size: int) -> list[dict]:
+    """Stacks examples into batches; zero rows and `EXAMPLE_MASK` complete the last one."""
+    batches = []
+    for start in range(0, len(features), batch_size):
+        rows = features[start : start + batch_size]
+        batch = {k: np.stack([row[k] for row in rows]) for k in rows[0]}
+        batch[EXAMPLE_MASK] = np.ones((len(rows),), np.int32)
+        padding = batch_size - len(rows)
+        batch = {k: np.pad(v, [(0, padding)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+        batches.append(batch)
+    return batches
+
+
+def _eval_task(
+    task: seqio.Task,
+    sequence_length: Mapping[str, int],
+    batch_size: int,
+    split: str,
+    max_examples: int | None,
+) -> EvalTask:
+    ds = task.get_dataset(
+        sequence_length=dict(sequence_length),
+        split=split,
+        use_cached=False,
+        shuffle=False,
+        num_epochs=1,
+    )
+    if max_examples is not None:
+        ds = ds.take(max_examples)
+    ds = _deterministic(ds)
+    examples = list(ds.as_numpy_iterator())
+    features = list(
+        seqio.EncDecFeatureConverter(pack=False)(ds, dict(sequence_length)).as_numpy_iterator()
+    )
+    targets = [
+        task.postprocess_fn(_text(ex, "targets", task), example=ex, is_target=True)
+        for ex in examples
+    ]
+    return EvalTask(
+        name=task.name,
+        batches=_padded_batches(features, batch_size),
+        targets=targets,
+        task=task,
+        inputs_text=[_text(ex, "inputs", task) for ex in examples],
+    )
+
+
+def eval_tasks(
+    mixture_or_task_name: str,
+    *,
+    sequence_length: Mapping[str, int],
+    batch_size: int,
+    split: str = "validation",
+    max_examples: int | None = None,
+) -> list[EvalTask]:
+    """The evaluation sets of a task, or of every task of a mixture.
+
+    Only tasks with `metric_fns` and the split are included; each is read
+    unshuffled, once, and converted with `EncDecFeatureConverter(pack=False)`.
+
+    Args:
+      mixture_or_task_name: a registered seqio Task or Mixture.
+      sequence_length: {'inputs': ..., 'targets': ...}.
+      batch_size: examples per batch (the last batch is padded).
+      split: the split to read.
+      max_examples: read at most this many examples per task.
+
+    Returns:
+      One `EvalTask` per task, sorted by name.
+
+    Raises:
+      ValueError: for an unknown name, or when no task has metrics and the split.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}.")
+    provider = get_mixture_or_task(mixture_or_task_name)
+    tasks = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    evaluated = [task for task in tasks if task.metric_fns and split in task.splits]
+    if not evaluated:
+        raise ValueError(
+            f"No task of {mixture_or_task_name!r} has metric_fns and a {split!r} split."
+        )
+    return [
+        _eval_task(task, sequence_length, batch_size, split, max_examples)
+        for task in sorted(evaluated, key=lambda t: t.name)
+    ]

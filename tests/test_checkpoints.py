@@ -1,0 +1,205 @@
+"""Tests of sam_jax.checkpoints: sharded NamedTuple round trips, retention, best steps."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import linen as nn
+
+import sam_jax
+from sam_jax.checkpoints import BEST_CHECKPOINTS_FILE
+from sam_jax.checkpoints import Best
+from sam_jax.checkpoints import Checkpointer
+from sam_jax.partitioning import Partitioner
+
+
+def _boxed_params():
+    """Abstract boxed parameters: a hidden layer sharded over 'model'."""
+    return {
+        "hidden": nn.LogicallyPartitioned(
+            jax.ShapeDtypeStruct((6, 8), jnp.float32), ("embed", "mlp")
+        ),
+        "out": nn.LogicallyPartitioned(jax.ShapeDtypeStruct((8,), jnp.float32), ("mlp",)),
+    }
+
+
+def _loss(params, batch, key):
+    del key
+    x, y = batch
+    return (jnp.tanh(x @ params["hidden"]) @ params["out"] - y) ** 2
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    """(abstract_state, state): a FSAM state after two steps, sharded on a (4, 2) mesh."""
+    partitioner = Partitioner(num_partitions=2)
+    tx = sam_jax.sam(optax.adamw(1e-2), mask=sam_jax.fisher_mask(sparsity=0.5, interval=1))
+    boxed = _boxed_params()
+    param_shardings = partitioner.shardings(boxed)
+    state_shardings = partitioner.shardings(jax.eval_shape(tx.init, boxed))
+    rng = np.random.default_rng(0)
+    params = jax.device_put(
+        jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), nn.meta.unbox(boxed)),
+        param_shardings,
+    )
+    batch = (rng.normal(size=(8, 6)).astype(np.float32), rng.normal(size=(8,)).astype(np.float32))
+
+    def train(params):
+        state = tx.init(params)
+        for _ in range(2):
+            updates, state = tx.update(None, state, params, loss_fn=_loss, batch=batch)
+            params = optax.apply_updates(params, updates)
+        return {"params": params, "opt_state": state, "step": jnp.int32(2)}
+
+    train_state_shardings = {
+        "params": param_shardings,
+        "opt_state": state_shardings,
+        "step": partitioner.replicated(),
+    }
+    state = partitioner.partition(train, (param_shardings,), train_state_shardings)(params)
+    abstract = jax.tree.map(
+        lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+        state,
+        train_state_shardings,
+    )
+    return abstract, state
+
+
+def _assert_identical(restored, state):
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+        assert got.dtype == want.dtype
+        assert got.sharding == want.sharding
+        np.testing.assert_array_equal(got, want)
+
+
+def _steps_on_disk(directory):
+    return sorted(int(p) for p in os.listdir(directory) if p.isdigit())
+
+
+def test_sharded_named_tuple_state_round_trips_exactly(tmp_path, sharded):
+    abstract, state = sharded
+    with Checkpointer(tmp_path / "ckpt") as checkpointer:
+        assert checkpointer.latest_step() is None
+        checkpointer.save(2, state)  # asynchronous
+        checkpointer.wait_until_finished()
+        assert checkpointer.latest_step() == 2
+        restored = checkpointer.restore(abstract)
+    opt_state = restored["opt_state"]
+    assert isinstance(opt_state, sam_jax.SamState)
+    assert isinstance(opt_state.mask_state, sam_jax.FisherMaskState)
+    assert isinstance(opt_state.inner_state[0], optax.ScaleByAdamState)
+    assert restored["params"]["hidden"].sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    _assert_identical(restored, state)
+
+
+def test_a_new_checkpointer_resumes_from_the_latest_step(tmp_path, sharded):
+    abstract, state = sharded
+    with Checkpointer(tmp_path, async_save=False) as checkpointer:
+        checkpointer.save(1, state)
+        checkpointer.save(7, jax.tree.map(lambda x: x + 1, state))
+    with Checkpointer(tmp_path) as reopened:
+        assert reopened.latest_step() == 7
+        _assert_identical(reopened.restore(abstract, step=1), state)
+        restored = reopened.restore(abstract)
+    np.testing.assert_array_equal(restored["step"], 3)
+
+
+def test_max_to_keep_keeps_the_latest_steps(tmp_path, sharded):
+    _, state = sharded
+    with Checkpointer(tmp_path, max_to_keep=2) as checkpointer:
+        for step in range(1, 6):
+            checkpointer.save(step, state)
+        checkpointer.save(5, state)  # an existing step: skipped, not an error
+        with pytest.raises(ValueError, match="already exists"):
+            checkpointer.save(5, state, force=True)  # never overwritten
+        checkpointer.wait_until_finished()
+        assert checkpointer.latest_step() == 5
+    assert _steps_on_disk(tmp_path) == [4, 5]
+
+
+def test_restore_without_a_checkpoint_is_a_clear_error(tmp_path, sharded):
+    abstract, state = sharded
+    with Checkpointer(tmp_path / "empty") as checkpointer:
+        with pytest.raises(FileNotFoundError, match="No checkpoint to restore in .*empty"):
+            checkpointer.restore(abstract)
+        checkpointer.save(3, state)
+        with pytest.raises(FileNotFoundError, match=r"step 4 .* saved steps: \[3\]"):
+            checkpointer.restore(abstract, step=4)
+
+
+def test_boxed_states_and_unsharded_targets_are_rejected(tmp_path, sharded):
+    abstract, _ = sharded
+    with Checkpointer(tmp_path) as checkpointer:
+        with pytest.raises(TypeError, match="unbox it first"):
+            checkpointer.save(1, {"params": _boxed_params()})
+        no_sharding = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), abstract)
+        with pytest.raises(ValueError, match=r"leaf \['opt_state'\].* has no sharding"):
+            checkpointer.restore(no_sharding)
+
+
+def test_best_steps_are_recorded_and_survive_garbage_collection(tmp_path, sharded):
+    abstract, state = sharded
+    evals = {  # step -> metrics; the loss is better when lower
+        1: {"nli/accuracy": 0.9, "nli/loss": 1.0},
+        2: {"nli/accuracy": 0.5, "nli/loss": 0.5},
+        3: {"nli/accuracy": 0.6, "nli/loss": 0.7},
+        4: {"nli/accuracy": 0.9, "nli/loss": 0.6},  # a tie keeps step 1
+    }
+    with Checkpointer(tmp_path, max_to_keep=1, async_save=False) as checkpointer:
+        for step, metrics in evals.items():
+            checkpointer.save(step, state)
+            table = checkpointer.record_eval(step, metrics)
+        checkpointer.save(5, state)
+        assert table == {"nli/accuracy": (0.9, 1), "nli/loss": (0.5, 2)}
+        assert table == checkpointer.best()
+        assert _steps_on_disk(tmp_path) == [1, 2, 5]
+    with open(tmp_path / BEST_CHECKPOINTS_FILE) as f:
+        assert json.load(f) == {
+            "nli/accuracy": {"value": 0.9, "step": 1},
+            "nli/loss": {"value": 0.5, "step": 2},
+        }
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # written atomically
+
+    # A restarted run reads the table: step 1 stays until its accuracy is beaten.
+    with Checkpointer(tmp_path, max_to_keep=1, async_save=False) as checkpointer:
+        assert checkpointer.best() == {"nli/accuracy": Best(0.9, 1), "nli/loss": Best(0.5, 2)}
+        checkpointer.save(6, state)
+        assert _steps_on_disk(tmp_path) == [1, 2, 6]
+        checkpointer.record_eval(6, {"nli/accuracy": 0.95, "demo/f1": float("nan")})
+        checkpointer.save(7, state)
+        assert _steps_on_disk(tmp_path) == [2, 6, 7]
+        assert "demo/f1" not in checkpointer.best()  # NaN is never a best value
+        _assert_identical(checkpointer.restore(abstract, step=2), state)
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, sharded, monkeypatch):
+    abstract, state = sharded
+    with Checkpointer(tmp_path, async_save=False) as checkpointer:
+        checkpointer.save(1, state)
+
+    # The process dies after writing step 2's files, before orbax's atomic rename.
+    def crash(self, *args, **kwargs):
+        raise KeyboardInterrupt("killed before the commit")
+
+    monkeypatch.setattr(ocp.path.atomicity.AtomicRenameTemporaryPath, "finalize", crash)
+    checkpointer = Checkpointer(tmp_path, async_save=False)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save(2, jax.tree.map(lambda x: x + 1, state))
+    monkeypatch.undo()
+    checkpointer.close()
+    leftovers = [p for p in os.listdir(tmp_path) if "orbax-checkpoint-tmp" in p]
+    assert leftovers and leftovers[0].startswith("2.")
+    assert _steps_on_disk(tmp_path) == [1]
+
+    with Checkpointer(tmp_path, async_save=False) as restarted:
+        assert restarted.latest_step() == 1
+        _assert_identical(restarted.restore(abstract), state)
+        restarted.save(2, state)  # the step can be saved again
+        assert restarted.latest_step() == 2
+    assert not [p for p in os.listdir(tmp_path) if "orbax-checkpoint-tmp" in p]
