@@ -19,4 +19,7 @@ Needs seqio (and so TensorFlow). `tasks/preprocessing.py` itself imports seqio
 lazily, so its numpy helpers and metrics could move to a seqio-free package.
 """
 
+from tasks import cbqa  # noqa: F401  (natural_questions_open, ..., cbqa: if $SAM_JAX_SPM_PATH is set)
 from tasks import demo  # noqa: F401  (registers demo_cbqa, demo_nli, demo_mixture)
+from tasks import glue  # noqa: F401  (glue_cola, ..., glue: if $SAM_JAX_SPM_PATH is set)
+from tasks import super_glue  # noqa: F401  (super_glue_boolq, ..., super_glue: likewise)

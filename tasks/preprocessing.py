@@ -14,6 +14,12 @@ TFDS are meant to reuse it:
   replaces the old definition instead of raising as seqio's registries do).
 * `exact_match`, `token_f1`, `squad_em_f1`, `accuracy` are seqio-style metric
   functions `metric_fn(targets, predictions) -> dict`, with values in [0, 1].
+* `TfdsTaskSpec` and `register_tfds_tasks(specs, mixture, vocabulary,
+  train_fraction, seed)` register T5-style text-to-text Tasks over TFDS and
+  their proportional mixture (used by glue.py, super_glue.py, cbqa.py). Their
+  sources know their split sizes (`known_size_tfds_source`), so registering,
+  subsampling and mixing read no data; `benchmark_vocabulary` gives the
+  sentencepiece vocabulary (an argument or $SAM_JAX_SPM_PATH, loaded lazily).
 
 The selection rule: every example index i gets a key `mix64(seed, i)` (a
 splitmix64 hash, identical on every platform and numpy version); the examples
@@ -26,8 +32,10 @@ same seed), the count is exact, and a different seed gives a different subset.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import hashlib
 import math
+import os
 import re
 import string
 from collections.abc import Callable
@@ -459,3 +467,205 @@ def accuracy(targets: Sequence[Any], predictions: Sequence[Any]) -> dict:
 
     hits = [norm(t) == norm(p) for t, p in zip(targets, predictions)]
     return {"accuracy": float(np.mean(hits))}
+
+
+# --------------------------------------------------------------------------- #
+# Benchmark tasks over TFDS (GLUE, SuperGLUE, closed-book QA).
+# --------------------------------------------------------------------------- #
+
+SPM_PATH_ENV = "SAM_JAX_SPM_PATH"
+
+
+def spm_path_from_env() -> str | None:
+    """The sentencepiece model path in $SAM_JAX_SPM_PATH, or None if unset/empty."""
+    return os.environ.get(SPM_PATH_ENV) or None
+
+
+def benchmark_vocabulary(vocabulary=None, vocabulary_path: str | None = None):
+    """The vocabulary of the benchmark tasks.
+
+    Args:
+      vocabulary: a `seqio.Vocabulary` to use as is (tests pass
+        `seqio.ByteVocabulary()` or seqio's test sentencepiece model).
+      vocabulary_path: a sentencepiece model file (local or gs://), used when
+        `vocabulary` is None; defaults to $SAM_JAX_SPM_PATH.
+
+    Returns:
+      `vocabulary`, or a `seqio.SentencePieceVocabulary(path)`. seqio loads the
+      model file on first use (encode/decode/vocab_size), so registering tasks
+      with it reads neither the file nor any data.
+
+    Raises:
+      ValueError: both arguments given, or neither given and the environment
+        variable unset.
+    """
+    if vocabulary is not None:
+        if vocabulary_path is not None:
+            raise ValueError("pass either vocabulary or vocabulary_path, not both")
+        return vocabulary
+    path = vocabulary_path or spm_path_from_env()
+    if not path:
+        raise ValueError(
+            "the benchmark tasks need a sentencepiece model: pass vocabulary_path= "
+            f"(or vocabulary=), or set ${SPM_PATH_ENV}"
+        )
+    return _seqio().SentencePieceVocabulary(path)
+
+
+def text_to_text_features(vocabulary) -> dict:
+    """T5's output features: 'inputs' and 'targets' text, both with EOS."""
+    seqio = _seqio()
+    return {
+        "inputs": seqio.Feature(vocabulary=vocabulary, add_eos=True, required=True),
+        "targets": seqio.Feature(vocabulary=vocabulary, add_eos=True),
+    }
+
+
+def _make_known_size_tfds_source_cls():
+    seqio = _seqio()
+
+    class KnownSizeTfdsSource(seqio.TfdsDataSource):
+        """A `seqio.TfdsDataSource` whose split sizes are given, not looked up.
+
+        seqio asks the TFDS builder for split sizes, which needs the prepared
+        data (or its metadata). The benchmark tasks know the sizes of their
+        pinned TFDS versions, so registering them, their `train_fraction`
+        variants and their mixtures touches no data; TFDS is only read when a
+        dataset is built.
+
+        Args:
+          tfds_name: 'dataset/config:version'.
+          split_sizes: seqio split name -> number of examples in it.
+          tfds_splits: seqio split name -> TFDS split or slice ('train[:3417]');
+            by default each seqio split reads the TFDS split of the same name.
+        """
+
+        def __init__(
+            self,
+            tfds_name: str,
+            split_sizes: Mapping[str, int],
+            tfds_splits: Mapping[str, str] | None = None,
+        ):
+            tfds_splits = dict(tfds_splits or {s: s for s in split_sizes})
+            if set(tfds_splits) != set(split_sizes):
+                raise ValueError(
+                    f"{tfds_name}: split sizes for {sorted(split_sizes)} but TFDS "
+                    f"splits for {sorted(tfds_splits)}"
+                )
+            super().__init__(tfds_name=tfds_name, splits=tfds_splits)
+            self._split_sizes = dict(split_sizes)
+
+        def num_input_examples(self, split: str) -> int:
+            return self._split_sizes[split]
+
+    KnownSizeTfdsSource.__qualname__ = "KnownSizeTfdsSource"
+    return KnownSizeTfdsSource
+
+
+def known_size_tfds_source(
+    tfds_name: str, split_sizes: Mapping[str, int], tfds_splits: Mapping[str, str] | None = None
+):
+    """A TFDS source that reports `split_sizes` (see `KnownSizeTfdsSource`)."""
+    if "KnownSizeTfdsSource" not in _LAZY_CLASSES:
+        _LAZY_CLASSES["KnownSizeTfdsSource"] = _make_known_size_tfds_source_cls()
+    return _LAZY_CLASSES["KnownSizeTfdsSource"](tfds_name, split_sizes, tfds_splits)
+
+
+@dataclasses.dataclass(frozen=True)
+class TfdsTaskSpec:
+    """One text-to-text benchmark Task over a TFDS dataset (T5 conventions).
+
+    Attributes:
+      name: the Task's name without a `train_fraction` suffix.
+      tfds_name: 'dataset/config:version'.
+      split_sizes: seqio split -> number of TFDS examples in it. Tasks without
+        a 'train' split are evaluation-only (seqio skips them when training on
+        a mixture).
+      text_preprocessors: map TFDS examples to {'inputs', 'targets'} text (plus
+        what the postprocessor needs), before tokenization.
+      metric_fns: seqio metric functions `fn(targets, predictions) -> dict`.
+      postprocess_fn: maps decoded text (predictions and targets) to what the
+        metric functions compare.
+      tfds_splits: seqio split -> TFDS split or slice; default: the same names.
+      train_examples: the number of training examples after preprocessing, if
+        it differs from `split_sizes['train']` (ReCoRD: one per answer; WSC: the
+        correct referents only); the mixing rate in proportional mixtures.
+    """
+
+    name: str
+    tfds_name: str
+    split_sizes: Mapping[str, int]
+    text_preprocessors: Sequence[Callable]
+    metric_fns: Sequence[Callable] = ()
+    postprocess_fn: Callable | None = None
+    tfds_splits: Mapping[str, str] | None = None
+    train_examples: int | None = None
+
+    def mixing_rate(self, train_fraction: float = 1.0) -> float:
+        """Training examples after `train_fraction` subsampling (0 if no train split).
+
+        The subsample keeps `num_train_examples(N, train_fraction)` of the N TFDS
+        examples; when preprocessing changes the count, the rate scales
+        `train_examples` by the same proportion (its expected value).
+        """
+        num_inputs = self.split_sizes.get("train", 0)
+        if not num_inputs:
+            return 0.0
+        kept = num_train_examples(num_inputs, train_fraction)
+        return (self.train_examples or num_inputs) * kept / num_inputs
+
+
+def register_tfds_tasks(
+    specs: Sequence[TfdsTaskSpec],
+    mixture_name: str,
+    vocabulary,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+) -> dict[str, str]:
+    """Registers `specs` as seqio Tasks and their proportional mixture (idempotent).
+
+    Every task's training split is subsampled to `train_fraction` (exact count,
+    deterministic in `seed`, nested across fractions; see `TrainFractionSource`)
+    -- the data-limited setting of Bahri et al. (2022), 2 % to 80 % -- while the
+    evaluation splits are kept whole. Examples are numbered in TFDS's
+    unshuffled order, which is fixed for a TFDS version. The mixture rate of a
+    task is its number of training examples (`TfdsTaskSpec.mixing_rate`), as in
+    T5's proportional GLUE/SuperGLUE mixtures (Raffel et al., 2020).
+
+    Args:
+      specs: the tasks.
+      mixture_name: the mixture's name without suffix.
+      vocabulary: a `seqio.Vocabulary` for inputs and targets.
+      train_fraction: in (0, 1].
+      seed: the subsampling seed.
+
+    Returns:
+      {spec.name: registered task name, mixture_name: registered mixture name};
+      the registered names carry `train_fraction_suffix(train_fraction, seed)`.
+    """
+    seqio = _seqio()
+    suffix = train_fraction_suffix(train_fraction, seed)
+    features = text_to_text_features(vocabulary)
+    names, rates = {}, []
+    for spec in specs:
+        source = known_size_tfds_source(spec.tfds_name, spec.split_sizes, spec.tfds_splits)
+        if "train" in spec.split_sizes:
+            source = with_train_fraction(source, train_fraction, seed=seed)
+        names[spec.name] = spec.name + suffix
+        add_task(
+            names[spec.name],
+            source=source,
+            preprocessors=[
+                *spec.text_preprocessors,
+                seqio.preprocessors.tokenize,
+                seqio.CacheDatasetPlaceholder(),
+                seqio.preprocessors.append_eos_after_trim,
+            ],
+            output_features=features,
+            postprocess_fn=spec.postprocess_fn,
+            metric_fns=list(spec.metric_fns),
+        )
+        rates.append((names[spec.name], spec.mixing_rate(train_fraction)))
+    names[mixture_name] = mixture_name + suffix
+    add_mixture(names[mixture_name], rates)
+    return names
