@@ -9,6 +9,14 @@ Modules:
                  QA, exact match / F1), `demo_nli` (3-way NLI, accuracy) and
                  `demo_mixture`; `demo.register_demo_tasks(train_fraction=...)`
                  registers subsampled variants.
+  glue, super_glue, cbqa
+                 the benchmarks of Bahri et al. (2022) over TFDS, formatted and
+                 scored as T5 does, with proportional mixtures `glue`,
+                 `super_glue`, `cbqa`. They need the user's TFDS data and a
+                 sentencepiece model: set $SAM_JAX_SPM_PATH (then importing
+                 registers them) or call `glue.register_glue_tasks(
+                 vocabulary_path=..., train_fraction=...)` and likewise.
+  metrics        T5's postprocessors and metrics (percent, T5's key names).
   preprocessing  shared helpers: `TrainFractionSource` (deterministic, nested
                  `train_fraction` subsampling of any seqio DataSource's train
                  split), idempotent `add_task`/`add_mixture`, postprocessors
