@@ -100,6 +100,45 @@ def check_rho(rho: ScalarOrSchedule) -> None:
         raise ValueError(f"rho must be ≥ 0, got {rho!r}.")
 
 
+def check_arguments(
+    *,
+    rho: ScalarOrSchedule,
+    ascent_fraction: float,
+    sharpness_m: int,
+    reweight,
+    adaptive: bool,
+    adaptive_eta: float,
+    mask=None,
+    num_data_shards: int = 1,
+    num_microbatches: int = 1,
+) -> None:
+    """Validates the options of a SAM step (`sam`, and trainers that run the same step).
+
+    Raises:
+      ValueError: naming the argument and its allowed values.
+      TypeError: for a `reweight` or `mask` that is not one of sam_jax's.
+    """
+    check_rho(rho)
+    if not isinstance(ascent_fraction, (int, float)) or not 0.0 < ascent_fraction <= 1.0:
+        raise ValueError(f"ascent_fraction must be in (0, 1], got {ascent_fraction!r}.")
+    for name, value in (
+        ("sharpness_m", sharpness_m),
+        ("num_data_shards", num_data_shards),
+        ("num_microbatches", num_microbatches),
+    ):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer ≥ 1, got {value!r}.")
+    if adaptive and not adaptive_eta > 0:
+        raise ValueError(f"adaptive_eta must be > 0, got {adaptive_eta!r}.")
+    if reweight is not None and not isinstance(reweight, reweighting.InstanceReweighting):
+        raise TypeError(
+            "reweight must be sam_jax.delta_sam(...), sam_jax.delta_sam_draft(...) or None, "
+            f"got {reweight!r}."
+        )
+    if mask is not None and not isinstance(mask, fisher.FisherMask):
+        raise TypeError(f"mask must be sam_jax.fisher_mask(...) or None, got {mask!r}.")
+
+
 def rho_at(rho: ScalarOrSchedule, count: jax.Array) -> jax.Array:
     """ρ for step `count`, as a float32 scalar."""
     return jnp.asarray(rho(count) if callable(rho) else rho, jnp.float32)
@@ -187,24 +226,17 @@ def sam(
       arguments `loss_fn`, `batch` and `key` (required with `reweight`); any
       other keyword arguments are passed on to `optimizer`.
     """
-    check_rho(rho)
-    if not isinstance(ascent_fraction, (int, float)) or not 0.0 < ascent_fraction <= 1.0:
-        raise ValueError(f"ascent_fraction must be in (0, 1], got {ascent_fraction!r}.")
-    if not isinstance(sharpness_m, int) or sharpness_m < 1:
-        raise ValueError(f"sharpness_m must be an integer ≥ 1, got {sharpness_m!r}.")
-    if not isinstance(num_data_shards, int) or num_data_shards < 1:
-        raise ValueError(f"num_data_shards must be an integer ≥ 1, got {num_data_shards!r}.")
-    if not isinstance(num_microbatches, int) or num_microbatches < 1:
-        raise ValueError(f"num_microbatches must be an integer ≥ 1, got {num_microbatches!r}.")
-    if adaptive and not adaptive_eta > 0:
-        raise ValueError(f"adaptive_eta must be > 0, got {adaptive_eta!r}.")
-    if reweight is not None and not isinstance(reweight, reweighting.InstanceReweighting):
-        raise TypeError(
-            "reweight must be sam_jax.delta_sam(...), sam_jax.delta_sam_draft(...) or None, "
-            f"got {reweight!r}."
-        )
-    if mask is not None and not isinstance(mask, fisher.FisherMask):
-        raise TypeError(f"mask must be sam_jax.fisher_mask(...) or None, got {mask!r}.")
+    check_arguments(
+        rho=rho,
+        ascent_fraction=ascent_fraction,
+        sharpness_m=sharpness_m,
+        reweight=reweight,
+        mask=mask,
+        adaptive=adaptive,
+        adaptive_eta=adaptive_eta,
+        num_data_shards=num_data_shards,
+        num_microbatches=num_microbatches,
+    )
     optimizer = optax.with_extra_args_support(optimizer)
 
     def init_fn(params):

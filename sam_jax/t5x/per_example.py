@@ -1,0 +1,96 @@
+"""Per-example losses of a T5X model, packed or not, from one pass of its own `loss_fn`.
+
+T5X's `BaseTransformerModel.loss_fn` returns one scalar, the sum over target
+tokens of w_t·ℓ_t (divided by the model's `loss_normalizing_factor` Z when it
+is a number). That sum is linear in the float `decoder_loss_weights` w, so its
+gradient with respect to w is ℓ_t / Z, and w_t·∂L/∂w_t is token t's share of
+the loss. Summing the shares over an example's tokens gives the example's loss
+l_i, and Σ_i l_i = L: the per-example losses of the model's own loss (label
+smoothing, z-loss and all), from a single forward pass.
+
+A packed row holds several examples, told apart by `decoder_segment_ids`
+(1, 2, … and 0 for padding). Each row then has one slot per possible segment
+(the decoder length); a slot whose example is absent has no weighted token, a
+zero loss and a zero token count.
+"""
+
+import jax
+import jax.numpy as jnp
+from t5x import losses as t5x_losses
+
+Batch = dict[str, jax.Array]
+
+SEGMENT_IDS = "decoder_segment_ids"
+LOSS_WEIGHTS = "decoder_loss_weights"
+
+
+def check_linear_in_weights(model) -> None:
+    """Rejects a model whose loss normalizer depends on the loss weights.
+
+    The special normalizers ("NUM_REAL_TARGET_TOKENS", "AVERAGE_PER_SEQUENCE",
+    …) make L non-linear in `decoder_loss_weights` (AVERAGE_PER_SEQUENCE even
+    cancels any per-example scaling), so neither per-example losses nor
+    per-example weights can go through the weights.
+    """
+    normalizer = getattr(model, "_loss_normalizing_factor", None)
+    if isinstance(normalizer, (str, t5x_losses.SpecialLossNormalizingFactor)):
+        raise ValueError(
+            f"The model's loss_normalizing_factor={normalizer!r} depends on the loss "
+            "weights, so per-example losses (δ-SAM, the Fisher mask) cannot be read from "
+            "them. Use None (T5.1.1's default) or a number."
+        )
+
+
+def token_losses(model, params, batch: Batch, dropout_rng) -> jax.Array:
+    """Each target token's share w_t·ℓ_t/Z of the model's loss, [rows, length] float32.
+
+    Args:
+      model: a T5X `BaseTransformerModel` (encoder–decoder or decoder-only).
+      params: the parameters to evaluate at.
+      batch: a T5X batch with `decoder_loss_weights`.
+      dropout_rng: the dropout key, or None for a deterministic pass.
+    """
+    if LOSS_WEIGHTS not in batch:
+        raise ValueError(
+            f"The batch has no '{LOSS_WEIGHTS}'; T5X's feature converters always add it."
+        )
+    weights = jnp.asarray(batch[LOSS_WEIGHTS], jnp.float32)
+
+    def loss(w):
+        return model.loss_fn(params, {**batch, LOSS_WEIGHTS: w}, dropout_rng)[0]
+
+    return weights * jax.grad(loss)(weights)
+
+
+def _per_example_sum(values: jax.Array, batch: Batch) -> jax.Array:
+    """Sums [rows, length] token values per example: [rows], or [rows·length] if packed."""
+    if SEGMENT_IDS not in batch:
+        return jnp.sum(values, axis=-1)
+    rows, length = values.shape
+    segments = jnp.maximum(batch[SEGMENT_IDS] - 1, 0)  # padding (0) carries no weight
+    slots = jnp.arange(rows)[:, None] * length + segments
+    return jax.ops.segment_sum(values.reshape(-1), slots.reshape(-1), num_segments=rows * length)
+
+
+def example_losses(model, params, batch: Batch, dropout_rng) -> jax.Array:
+    """Per-example losses l_i with Σ_i l_i = the model's loss on `batch`.
+
+    Example::
+
+      losses = example_losses(model, train_state.params, batch, dropout_rng)
+      # [rows] for padded batches, [rows * decoder length] for packed ones
+
+    Returns:
+      float32 losses, one per row, or one per segment slot of a packed batch.
+    """
+    return _per_example_sum(token_losses(model, params, batch, dropout_rng), batch)
+
+
+def row_losses(model, params, batch: Batch, dropout_rng) -> jax.Array:
+    """Per-row losses [rows] (a packed row counts as one example)."""
+    return jnp.sum(token_losses(model, params, batch, dropout_rng), axis=-1)
+
+
+def example_token_counts(batch: Batch) -> jax.Array:
+    """Σ of each example's loss weights, shaped like `example_losses` (0: an empty slot)."""
+    return _per_example_sum(jnp.asarray(batch[LOSS_WEIGHTS], jnp.float32), batch)
