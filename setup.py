@@ -17,6 +17,8 @@ TRAIN = [
     "seqio>=0.0.20,<0.1",
     "tensorflow-datasets>=4.9.10,<5",
     "gin-config>=0.5.0,<0.6",
+    "clu>=0.0.12,<0.1",
+    "tensorboard>=2.21,<3",
     "tqdm>=4.66,<5",
     "matplotlib>=3.9,<4",
 ]
@@ -35,5 +37,11 @@ setuptools.setup(
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={"train": TRAIN, "test": TEST, "tpu": TPU},
+    entry_points={
+        "console_scripts": [
+            "sam_jax_train = sam_jax.train:main",
+            "sam_jax_compare = sam_jax.compare:main",
+        ]
+    },
     license="Apache-2.0",
 )

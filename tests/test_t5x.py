@@ -19,6 +19,7 @@ import pytest
 t5x = pytest.importorskip("t5x")
 seqio = pytest.importorskip("seqio")
 
+import gin  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from t5x import adafactor  # noqa: E402
@@ -32,7 +33,6 @@ from t5x import train_state as train_state_lib  # noqa: E402
 from t5x.examples.t5 import network  # noqa: E402
 
 import __main__  # noqa: E402  (T5X's gin files bind `__main__.train`)
-import gin  # noqa: E402
 import sam_jax  # noqa: E402
 import sam_jax.t5x  # noqa: E402
 import tasks  # noqa: E402, F401  (registers demo_cbqa)

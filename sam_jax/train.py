@@ -1,0 +1,771 @@
+r"""Fine-tunes a T5.1.1 model on a seqio task or mixture, configured with gin (T5X conventions).
+
+  python -m sam_jax.train --gin_file=gin/runs/finetune.gin \
+      --gin_file=gin/models/t5_1_1/tiny.gin --gin_file=gin/sam/delta_sam.gin \
+      --gin.MIXTURE_OR_TASK_NAME="'demo_mixture'" --gin.MODEL_DIR="'/tmp/run1'" \
+      --gin.TRAIN_STEPS=300
+
+(or the console script `sam_jax_train` with the same flags). Flags:
+
+  --gin_file          gin files, parsed in order (searched in --gin_search_paths).
+  --gin_bindings      extra bindings, e.g. --gin_bindings="RHO = 0.15"; T5X's
+                      --gin.RHO=0.15 is the same.
+  --gin_search_paths  where gin files and their `include`s are looked up;
+                      default: the repository's gin/ directory and the cwd.
+  --module_import     modules that register seqio tasks (default: `tasks`).
+  --coordinator_address, --num_processes, --process_id
+                      a multi-process run on machines JAX does not detect.
+
+The run writes checkpoints, TensorBoard summaries, `metrics.jsonl`,
+`curves.png` and `config.gin` in MODEL_DIR, evaluates every task of the
+mixture with its seqio metrics every EVAL_PERIOD steps and records the best
+checkpoint per task-metric. Rerunning the same command resumes from the latest
+checkpoint; SIGTERM or SIGINT saves a checkpoint and stops. Invalid input stops
+with a one-line error before anything is written.
+"""
+
+import dataclasses
+import importlib
+import logging as std_logging
+import os
+import queue
+import re
+import signal
+import sys
+import threading
+import tokenize
+from collections.abc import Callable
+from collections.abc import Iterator
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app
+from absl import flags
+from absl import logging
+from jax.experimental import multihost_utils
+
+import sam_jax
+from sam_jax import checkpoints
+from sam_jax import data
+from sam_jax import decoding
+from sam_jax import partitioning
+from sam_jax import summaries
+from sam_jax import trainer as trainer_lib
+from sam_jax.models import t5
+
+REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+CONFIG_FILE = "config.gin"
+CHECKPOINTS_SUBDIR = "checkpoints"
+
+_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files to parse, in order.")
+_GIN_BINDINGS = flags.DEFINE_multi_string(
+    "gin_bindings", [], "Gin bindings, after the files; --gin.NAME=VALUE is the same."
+)
+_GIN_SEARCH_PATHS = flags.DEFINE_list(
+    "gin_search_paths",
+    [REPO_GIN_DIR, "."],
+    "Directories in which gin files and their includes are looked up.",
+)
+_MODULE_IMPORTS = flags.DEFINE_multi_string(
+    "module_import", ["tasks"], "Modules to import first (they register seqio tasks)."
+)
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
+
+# What gin files may reference (T5X names: `@optax.adafactor`, `@sam_jax.sam`, ...).
+for _fn, _module in (
+    (optax.adafactor, "optax"),
+    (optax.adamw, "optax"),
+    (optax.constant_schedule, "optax"),
+    (trainer_lib.rsqrt_schedule, "sam_jax.trainer"),
+    (sam_jax.sam, "sam_jax"),
+    (sam_jax.per_instance_sam, "sam_jax"),
+    (sam_jax.delta_sam, "sam_jax"),
+    (sam_jax.delta_sam_draft, "sam_jax"),
+    (sam_jax.fisher_mask, "sam_jax"),
+    (t5.t5_1_1_config, "sam_jax.models.t5"),
+):
+    gin.external_configurable(_fn, module=_module)
+
+
+class ConfigError(ValueError):
+    """Invalid input to a run (flags, gin files, names, sizes): reported in one line.
+
+    Attributes:
+      message: the one-line message (when the error passes through the gin
+        configurable `train`, gin appends lines naming it to `str(error)`).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class TrainResult(NamedTuple):
+    """What `train` returns.
+
+    Attributes:
+      step: the step the run stopped at.
+      eval: the last evaluation, {'<task>/<metric>': value} (eval loss as '<task>/loss').
+      best: {'<task>/<metric>': Best(value, step)}, the best value of every
+        task-metric so far (lowest for losses) and the step of its checkpoint.
+      seconds_per_step: mean training step time of this invocation, after the
+        first (compiling) step, evaluations excluded; NaN if it ran < 2 steps.
+      stopped_by: the name of the signal that stopped the run early, or None.
+    """
+
+    step: int
+    eval: dict[str, float]
+    best: dict[str, checkpoints.Best]
+    seconds_per_step: float
+    stopped_by: str | None
+
+
+# --------------------------------------------------------------------------- #
+# Flags and gin.
+# --------------------------------------------------------------------------- #
+
+
+def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
+    """Turns T5X-style `--gin.NAME=VALUE` arguments into `--gin_bindings=NAME = VALUE`."""
+    rewritten = []
+    for arg in argv:
+        if arg.startswith("--gin."):
+            if "=" not in arg:
+                raise app.UsageError(f"Expected --gin.NAME=VALUE, got {arg!r}.")
+            name, value = arg[len("--gin.") :].split("=", 1)
+            arg = f"--gin_bindings={name} = {value}"
+        rewritten.append(arg)
+    return rewritten
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())
+
+
+def _resolve_gin_path(path: str, search_paths: Sequence[str]) -> str | None:
+    for prefix in ("", *search_paths):
+        candidate = os.path.join(prefix, path)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+_INCLUDE = re.compile(r"""^\s*include\s+(['"])(.+?)\1""", re.MULTILINE)
+
+
+def _token_error_location(path: str) -> tuple[int, str] | None:
+    """(line, message) of the first tokenizer error in a gin file, or None.
+
+    An unclosed bracket is reported at the line where it opens.
+    """
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    opened: list[tuple[str, int]] = []
+    tokens = tokenize.generate_tokens(iter(text.splitlines(keepends=True)).__next__)
+    try:
+        for token in tokens:
+            if token.type == tokenize.OP and token.string in "([{":
+                opened.append((token.string, token.start[0]))
+            elif token.type == tokenize.OP and token.string in ")]}" and opened:
+                opened.pop()
+    except tokenize.TokenError as error:
+        if opened:
+            bracket, line = opened[-1]
+            return line, f"unclosed {bracket!r}"
+        return error.args[1][0], error.args[0]
+    return None
+
+
+def _locate_malformed_gin(gin_files: Sequence[str], search_paths: Sequence[str]) -> str | None:
+    """'file:line: message' for the first gin file (or include) that does not tokenize."""
+    pending, seen = list(gin_files), set()
+    while pending:
+        path = _resolve_gin_path(pending.pop(0), search_paths)
+        if path is None or path in seen:
+            continue
+        seen.add(path)
+        location = _token_error_location(path)
+        if location is not None:
+            return f"{path}:{location[0]}: malformed gin file: {location[1]}"
+        with open(path, encoding="utf-8") as f:
+            pending.extend(match.group(2) for match in _INCLUDE.finditer(f.read()))
+    return None
+
+
+def _malformed_gin_message(
+    error: SyntaxError | tokenize.TokenError,
+    gin_files: Sequence[str],
+    search_paths: Sequence[str],
+) -> str:
+    """'file:line: malformed gin file: ...' for a parse error of gin files.
+
+    An unclosed bracket makes gin fail lines later (or at the end of the file
+    without a location), so the files are first checked for the bracket.
+    """
+    where = _locate_malformed_gin(gin_files, search_paths)
+    if where is not None:
+        return where
+    location = error.args[1] if len(error.args) > 1 else None
+    if not isinstance(error, SyntaxError) or location is None:
+        return f"malformed gin file: {_one_line(error)}"
+    filename = getattr(location, "filename", error.filename)
+    line = getattr(location, "line_num", error.lineno)
+    content = (getattr(location, "line_content", "") or "").strip()
+    # gin's first line may be an AST repr; its last line says what it could not parse.
+    reason = [part.strip() for part in str(error.args[0]).splitlines() if part.strip()][-1]
+    return f"{filename}:{line}: malformed gin file: {reason.rstrip('.')}: {content}"
+
+
+def parse_gin(
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str],
+    search_paths: Sequence[str] = (REPO_GIN_DIR, "."),
+) -> None:
+    """Replaces the gin config: parses files, then bindings, then finalizes (T5X order).
+
+    Example::
+
+      parse_gin(["runs/finetune.gin", "models/t5_1_1/tiny.gin", "sam/sam.gin"],
+                ["MODEL_DIR = '/tmp/run1'", "RHO = 0.15"])
+
+    Raises:
+      ConfigError: for a missing or malformed file ('file:line: ...'), a malformed
+        binding, an unknown configurable or a required macro left unset.
+    """
+    gin.clear_config()
+    for path in search_paths:
+        gin.add_config_file_search_path(path)
+    try:
+        gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
+    except (SyntaxError, tokenize.TokenError) as error:
+        raise ConfigError(_malformed_gin_message(error, gin_files, search_paths)) from error
+    except (OSError, ValueError) as error:
+        raise ConfigError(_one_line(error)) from error
+    try:
+        gin.parse_config_files_and_bindings(None, gin_bindings, finalize_config=False)
+    except (SyntaxError, tokenize.TokenError, ValueError) as error:
+        raise ConfigError(
+            f"malformed gin binding in {list(gin_bindings)}: {_one_line(error)}"
+        ) from error
+    try:
+        gin.finalize()
+    except ValueError as error:
+        missing = re.match(r"(\w+)/macro\.value set to `%gin.REQUIRED`", str(error))
+        if missing:
+            name = missing.group(1)
+            raise ConfigError(
+                f"{name} is required and not set: pass --gin.{name}=... (strings in quotes, "
+                f"e.g. --gin.MODEL_DIR=\"'/tmp/run1'\")."
+            ) from error
+        raise ConfigError(_one_line(error)) from error
+
+
+# --------------------------------------------------------------------------- #
+# Stopping on signals.
+# --------------------------------------------------------------------------- #
+
+
+class StopSignals:
+    """Turns SIGTERM and SIGINT into a request to checkpoint and stop (a context manager).
+
+    A second SIGINT interrupts at once. In a multi-process run a signal seen by
+    any process stops all of them at the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum, frame) -> None:
+        del frame
+        self.received = signum
+        if signum == signal.SIGINT:
+            signal.signal(signum, self._previous.get(signum, signal.default_int_handler))
+        logging.warning(
+            "Received %s: saving a checkpoint, then stopping.", signal.Signals(signum).name
+        )
+
+    def stop_requested(self) -> bool:
+        """Whether any process received a signal (a collective in multi-process runs)."""
+        local = self.received is not None
+        if jax.process_count() == 1:
+            return local
+        return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+    @property
+    def name(self) -> str | None:
+        return None if self.received is None else signal.Signals(self.received).name
+
+
+# --------------------------------------------------------------------------- #
+# Input.
+# --------------------------------------------------------------------------- #
+
+
+def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
+    """Reads up to `size` items of `iterator` ahead in a background thread.
+
+    The host prepares the next batches while the devices run the current step.
+    The order is unchanged; an exception of `iterator` is re-raised by `next`.
+    The thread stops when the returned generator is closed or collected.
+    """
+    items: queue.Queue = queue.Queue(maxsize=size)
+    stopped = threading.Event()
+    end = object()
+
+    def put(item) -> bool:
+        while not stopped.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in iterator:
+                if not put(item):
+                    return
+        except Exception as error:  # handed to the consumer
+            put(error)
+            return
+        put(end)
+
+    threading.Thread(target=produce, daemon=True, name="prefetch").start()
+    try:
+        while (item := items.get()) is not end:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+    finally:
+        stopped.set()
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation.
+# --------------------------------------------------------------------------- #
+
+
+def evaluate(
+    eval_tasks: Sequence[data.EvalTask],
+    params,
+    *,
+    partitioner: partitioning.Partitioner,
+    eval_step: Callable,
+    decode: Callable,
+) -> dict[str, float]:
+    """Eval loss and seqio metrics of every task on its greedy predictions.
+
+    Returns:
+      {'<task>/<metric>': value, '<task>/loss': mean per-example loss}.
+    """
+    results = {}
+    indices = partitioner.data_layout.local_indices
+    for task in eval_tasks:
+        vocabulary = task.task.output_features["targets"].vocabulary
+        loss_sum = examples = 0.0
+        predicted_ids = []
+        for batch in task.batches:
+            local = {name: batch[name][indices(len(batch[name]))] for name in data.ENC_DEC_FEATURES}
+            global_batch = partitioner.global_batch(local)
+            sums = jax.device_get(eval_step(params, global_batch))
+            loss_sum += float(sums["loss_sum"])
+            examples += float(sums["examples"])
+            tokens = multihost_utils.process_allgather(decode(params, global_batch), tiled=True)
+            predicted_ids.extend(decoding.strip_after_eos(tokens))
+        predictions = [
+            task.task.postprocess_fn(vocabulary.decode(ids), example=None, is_target=False)
+            for ids in predicted_ids[: len(task.targets)]
+        ]
+        for metric_fn in task.task.predict_metric_fns:
+            for name, value in metric_fn(task.targets, predictions).items():
+                results[f"{task.name}/{name}"] = float(value)
+        results[f"{task.name}/loss"] = loss_sum / max(examples, 1.0)
+    return results
+
+
+# --------------------------------------------------------------------------- #
+# The run.
+# --------------------------------------------------------------------------- #
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@gin.configurable
+def train(
+    *,
+    model_dir: str | None = None,
+    mixture_or_task_name: str | None = None,
+    train_steps: int | None = None,
+    batch_size: int = 128,
+    sequence_length: Mapping[str, int] | None = None,
+    model: t5.T5Config | None = None,
+    optimizer: Callable[..., optax.GradientTransformation] = optax.adafactor,
+    learning_rate: trainer_lib.LearningRate = 1e-3,
+    sam: trainer_lib.SamFactory | None = None,
+    num_microbatches: int = 1,
+    num_partitions: int = 1,
+    logical_axis_rules: Sequence[tuple[str, str | None]] = t5.DEFAULT_LOGICAL_AXIS_RULES,
+    seed: int = 0,
+    pack: bool = False,
+    z_loss: float = 1e-4,
+    checkpoint_period: int = 200,
+    keep_checkpoints: int = 3,
+    eval_period: int = 200,
+    eval_batch_size: int = 128,
+    eval_split: str = "validation",
+    max_eval_examples: int | None = None,
+    eval_only: bool = False,
+    log_period: int = 10,
+    progress_bar: bool = True,
+) -> TrainResult:
+    """Trains (or, with `eval_only`, evaluates) a T5 model; resumes from MODEL_DIR.
+
+    Every argument is bound by gin (see gin/runs/finetune.gin).
+
+    Args:
+      model_dir: where checkpoints and summaries go (MODEL_DIR).
+      mixture_or_task_name: a registered seqio task or mixture.
+      train_steps: the step to train to (TRAIN_STEPS).
+      batch_size: global examples per step; a multiple of the data axis size
+        (times `num_microbatches`).
+      sequence_length: {'inputs': ..., 'targets': ...} (TASK_FEATURE_LENGTHS).
+      model: the `T5Config` (a gin/models file); `dtype` may be a name such as
+        'bfloat16' (activations; parameters are float32).
+      optimizer: an Optax optimizer factory called with `learning_rate=`.
+      learning_rate: a float or an Optax schedule.
+      sam: a SAM factory (`@sam_jax.sam`, from a gin/sam file), or None.
+      num_microbatches: gradient accumulation steps.
+      num_partitions: model-parallel degree (mesh (devices / n, n)).
+      logical_axis_rules: logical to mesh axis rules.
+      seed: parameter initialisation, dropout and data order.
+      pack: pack training examples (EncDecFeatureConverter(pack=True)).
+      z_loss: T5X's auxiliary log(Z)² loss coefficient.
+      checkpoint_period: save every this many steps (and at evals and the end).
+      keep_checkpoints: recent checkpoints to keep (best ones are kept too).
+      eval_period: evaluate every this many steps and at the end.
+      eval_batch_size: examples per eval batch (a multiple of the data axis size).
+      eval_split: the split to evaluate.
+      max_eval_examples: evaluate at most this many examples per task.
+      eval_only: evaluate the latest checkpoint and stop (gin/runs/eval.gin).
+      log_period: write training summaries every this many steps.
+      progress_bar: show the tqdm progress bar.
+
+    Returns:
+      A `TrainResult`.
+
+    Raises:
+      ConfigError: for invalid input, before anything is written to `model_dir`.
+    """
+    # Validate everything before anything is written.
+    _check(bool(model_dir), "MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\".")
+    _check(bool(mixture_or_task_name), "MIXTURE_OR_TASK_NAME is not set.")
+    _check(model is not None, "No model: add a model gin file, e.g. gin/models/t5_1_1/tiny.gin.")
+    _check(
+        isinstance(train_steps, int) and train_steps >= 0,
+        f"TRAIN_STEPS must be an integer ≥ 0, got {train_steps!r}.",
+    )
+    for name, value in (
+        ("checkpoint_period", checkpoint_period),
+        ("eval_period", eval_period),
+        ("log_period", log_period),
+        ("keep_checkpoints", keep_checkpoints),
+        ("num_microbatches", num_microbatches),
+    ):
+        _check(
+            isinstance(value, int) and value >= 1, f"{name} must be an integer ≥ 1, got {value!r}."
+        )
+    _check(
+        sequence_length is not None and {"inputs", "targets"} <= set(sequence_length),
+        f"sequence_length must give 'inputs' and 'targets', got {sequence_length!r}.",
+    )
+    try:
+        mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
+    except ValueError as error:
+        raise ConfigError(_one_line(error)) from error
+    vocabulary = mixture_or_task.output_features["targets"].vocabulary
+    _check(
+        vocabulary.vocab_size <= model.vocab_size,
+        f"{mixture_or_task_name}'s vocabulary has {vocabulary.vocab_size} ids but the model's "
+        f"vocab_size is {model.vocab_size}: set VOCAB_SIZE ≥ {vocabulary.vocab_size}.",
+    )
+    try:
+        model = dataclasses.replace(model, dtype=jnp.dtype(model.dtype))
+        partitioner = partitioning.Partitioner(num_partitions, logical_axis_rules)
+        partitioner.check_batch_size(batch_size)
+        partitioner.check_batch_size(eval_batch_size)
+        _check(
+            batch_size % (num_microbatches * partitioner.data_axis_size) == 0,
+            f"The batch size {batch_size} must be a multiple of num_microbatches "
+            f"({num_microbatches}) × the data axis size ({partitioner.data_axis_size}).",
+        )
+        trainer = trainer_lib.Trainer(
+            t5.Transformer(model),
+            optimizer,
+            learning_rate,
+            sam,
+            num_microbatches=num_microbatches,
+            num_data_shards=partitioner.data_axis_size,
+            z_loss=z_loss,
+        )
+        eval_tasks = data.eval_tasks(
+            mixture_or_task_name,
+            sequence_length=sequence_length,
+            batch_size=eval_batch_size,
+            split=eval_split,
+            max_examples=max_eval_examples,
+        )
+    except (ValueError, TypeError) as error:
+        raise ConfigError(_one_line(error)) from error
+    logging.info("%s; %s", partitioner, model)
+
+    # Compiled functions.
+    state_shardings = partitioner.shardings(trainer.logical_state())
+    abstract_state = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        jax.eval_shape(trainer.init_state, jax.random.key(0)),
+        state_shardings,
+    )
+    init_key, dropout_key = jax.random.split(jax.random.key(seed))
+    init_state = partitioner.partition(
+        lambda: trainer.init_state(init_key), in_shardings=(), out_shardings=state_shardings
+    )
+    train_step = partitioner.partition(
+        trainer.train_step,
+        in_shardings=(state_shardings, partitioner.data_sharding(), partitioner.replicated()),
+        out_shardings=(state_shardings, partitioner.replicated()),
+        donate_argnums=(0,),
+    )
+    eval_step = partitioner.partition(
+        trainer.eval_step,
+        in_shardings=(state_shardings.params, partitioner.data_sharding()),
+        out_shardings=partitioner.replicated(),
+    )
+    decode = decoding.make_greedy_decoder(
+        trainer.model,
+        partitioner,
+        state_shardings.params,
+        sequence_length["targets"],
+        num_valid_ids=vocabulary.vocab_size,
+    )
+
+    is_chief = jax.process_index() == 0
+    checkpoint_dir = os.path.join(model_dir, CHECKPOINTS_SUBDIR)
+    _check(
+        not eval_only or os.path.isdir(checkpoint_dir),
+        f"eval_only: no checkpoint in {model_dir} to evaluate.",
+    )
+    checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)
+    try:
+        start_step = checkpointer.latest_step()
+        if eval_only:
+            _check(start_step is not None, f"eval_only: no checkpoint in {model_dir} to evaluate.")
+        if start_step is None:
+            state, start_step = init_state(), 0
+        else:
+            logging.info("Restoring the checkpoint of step %d from %s.", start_step, model_dir)
+            state = checkpointer.restore(abstract_state, step=start_step)
+        if is_chief:
+            with open(os.path.join(model_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
+                f.write(gin.config_str())
+
+        last_eval: dict[str, float] = {}
+        best = checkpointer.best()
+
+        def run_eval(step: int) -> None:
+            nonlocal last_eval, best
+            with writer.paused():
+                last_eval = evaluate(
+                    eval_tasks,
+                    state.params,
+                    partitioner=partitioner,
+                    eval_step=eval_step,
+                    decode=decode,
+                )
+                writer.eval(step, last_eval)
+                logging.info("Step %d eval: %s", step, last_eval)
+                best = checkpointer.record_eval(step, last_eval)
+
+        final_step = start_step if eval_only else max(train_steps, start_step)
+        step = start_step
+        with (
+            summaries.Summaries(
+                model_dir,
+                total_steps=final_step,
+                start_step=start_step,
+                enabled=is_chief,
+                log_period=log_period,
+                progress_bar=progress_bar,
+            ) as writer,
+            StopSignals() as stop,
+        ):
+            if eval_only:
+                run_eval(start_step)
+            else:
+                batches = prefetch(
+                    data.train_batches(
+                        mixture_or_task_name,
+                        sequence_length=sequence_length,
+                        global_batch_size=batch_size,
+                        seed=seed,
+                        pack=pack,
+                        start_step=start_step,
+                        shard_id=partitioner.data_layout.shard_id,
+                        num_shards=partitioner.data_layout.num_shards,
+                    )
+                )
+                saved_step = start_step
+                while step < final_step:
+                    local_batch = next(batches)
+                    state, metrics = train_step(
+                        state, partitioner.global_batch(local_batch), dropout_key
+                    )
+                    step += 1
+                    tokens = (
+                        trainer_lib.count_tokens(local_batch) * partitioner.data_layout.num_shards
+                    )
+                    writer.train_step(step, metrics, examples=batch_size, tokens=tokens)
+                    stopping = stop.stop_requested()
+                    evaluating = step % eval_period == 0 or step == final_step
+                    if evaluating and not stopping:
+                        writer.flush(step)
+                        checkpointer.save(step, state, force=True)
+                        saved_step = step
+                        run_eval(step)
+                    elif stopping or step % checkpoint_period == 0:
+                        checkpointer.save(step, state, force=True)
+                        saved_step = step
+                    if stopping:
+                        logging.warning(
+                            "Stopped by %s at step %d; the checkpoint is saved: rerun the same "
+                            "command to resume.",
+                            stop.name,
+                            step,
+                        )
+                        break
+                writer.flush(step)
+                if saved_step != step:
+                    checkpointer.save(step, state, force=True)
+        checkpointer.wait_until_finished()
+    finally:
+        checkpointer.close()
+
+    result = TrainResult(
+        step=step,
+        eval=last_eval,
+        best=best,
+        seconds_per_step=writer.seconds_per_step(),
+        stopped_by=stop.name,
+    )
+    if is_chief:
+        summaries.plot_history(
+            summaries.read_history(model_dir),
+            os.path.join(model_dir, summaries.CURVES_FILE),
+            title=f"{mixture_or_task_name} ({model_dir})",
+        )
+    return result
+
+
+def final_table(result: TrainResult) -> str:
+    """The table printed at the end of a run: every eval task-metric, last and best."""
+    rows = []
+    for name in sorted(set(result.eval) | set(result.best)):
+        best_value, best_step = result.best.get(name, (float("nan"), "-"))
+        rows.append([name, result.eval.get(name, float("nan")), best_value, best_step])
+    title = f"step {result.step}, {1e3 * result.seconds_per_step:.1f} ms/step" + (
+        f", stopped by {result.stopped_by}" if result.stopped_by else ""
+    )
+    return summaries.format_table(["task/metric", "last", "best", "best step"], rows, title=title)
+
+
+# --------------------------------------------------------------------------- #
+# Entry points.
+# --------------------------------------------------------------------------- #
+
+
+class QuietLibraries(std_logging.Filter):
+    """Drops library log records that are noise in a training log.
+
+    Orbax, JAX and seqio log every step of a save or of a dataset's set-up at
+    INFO; gin's resource reader logs an ERROR for every search path that does
+    not hold a gin file it then finds in the next one.
+    """
+
+    INFO_LIBRARIES = tuple(
+        f"{os.sep}{package}{os.sep}" for package in ("orbax", os.path.join("jax", "_src"), "seqio")
+    )
+    GIN_LOOKUPS = f"{os.sep}gin{os.sep}resource_reader.py"
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        if record.pathname.endswith(self.GIN_LOOKUPS):
+            return False
+        return record.levelno >= std_logging.WARNING or not any(
+            library in record.pathname for library in self.INFO_LIBRARIES
+        )
+
+
+def run(argv: Sequence[str]) -> TrainResult:
+    """The body of `main` after flag parsing and `initialize_distributed`.
+
+    Imports the task modules, parses gin, runs `train` and prints its final table.
+    """
+    if len(argv) > 1:
+        raise ConfigError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(QuietLibraries())
+    if jax.process_index() != 0:
+        logging.set_verbosity(logging.WARNING)
+    for module in _MODULE_IMPORTS.value:
+        importlib.import_module(module)
+    parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
+    result = train()
+    if jax.process_index() == 0:
+        print(final_table(result), flush=True)
+    return result
+
+
+def _main(argv: Sequence[str]) -> None:
+    # Before anything else touches JAX: joining a cluster needs an uninitialized backend.
+    partitioning.initialize_distributed(
+        _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
+    try:
+        run(argv)
+    except ConfigError as error:
+        sys.exit(f"error: {error.message}")
+
+
+def main() -> None:
+    """The console script `sam_jax_train`: `python -m sam_jax.train` with the same flags."""
+    app.run(_main, flags_parser=lambda argv: app.parse_flags_with_usage(rewrite_gin_args(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+"""End-to-end tests of the training CLI (sam_jax.train) on the offline demo mixture.
+
+A one-layer tiny T5 trains for a few steps on `demo_mixture`: through the
+`python -m sam_jax.train` command line (one device), in this process (8 devices,
+mesh data 4 x model 2), and in two `jax.distributed` processes. Runs share a
+persistent compilation cache, so a function compiled once (a resumed run, the
+same step in another run) loads from disk.
+"""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from absl import flags
+from jax.experimental.compilation_cache import compilation_cache as jax_compilation_cache
+
+pytest.importorskip("seqio")
+
+from multiprocess_harness import REPO_DIR  # noqa: E402
+from multiprocess_harness import launch_processes  # noqa: E402
+from multiprocess_harness import process_env  # noqa: E402
+
+import tasks  # noqa: E402, F401  (registers the demo tasks)
+from sam_jax import summaries  # noqa: E402
+from sam_jax import train  # noqa: E402
+
+# A one-layer tiny T5 on short sequences, evaluated on 16 examples per task.
+RUN_ARGS = [
+    "--gin_file=runs/finetune.gin",
+    "--gin_file=models/t5_1_1/tiny.gin",
+    "--gin.MIXTURE_OR_TASK_NAME='demo_mixture'",
+    "--gin.BATCH_SIZE=8",
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 8}",
+    "--gin.t5_1_1_config.num_encoder_layers=1",
+    "--gin.t5_1_1_config.num_decoder_layers=1",
+    "--gin.train.max_eval_examples=16",
+    "--gin.train.log_period=1",
+]
+SAM_ARGS = ["--gin_file=sam/sam.gin", "--gin.TRAIN_STEPS=3", "--gin.EVAL_PERIOD=2"]
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module's runs (and its subprocesses)."""
+    directory = str(tmp_path_factory.mktemp("jax_cache"))
+    previous = {
+        name: getattr(jax.config, name)
+        for name in ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    }
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    jax_compilation_cache.reset_cache()  # earlier tests' compilations initialized it without a dir
+    yield {
+        "JAX_COMPILATION_CACHE_DIR": directory,
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    for name, value in previous.items():
+        jax.config.update(name, value)
+    jax_compilation_cache.reset_cache()
+
+
+def cli(args) -> train.TrainResult:
+    """Runs the command line in this process (flags parsed as `main` parses them)."""
+    flags.FLAGS.unparse_flags()
+    argv = flags.FLAGS(["sam_jax.train", *train.rewrite_gin_args(args)])
+    return train.run(argv)
+
+
+def run_command(args, model_dir, cache_env, devices=1, expect_success=True):
+    """`python -m sam_jax.train ...` in a subprocess with `devices` CPU devices."""
+    env = process_env(devices, cache_env)
+    command = [sys.executable, "-m", "sam_jax.train", *args, f"--gin.MODEL_DIR='{model_dir}'"]
+    out = subprocess.run(
+        command, env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=400
+    )
+    if expect_success:
+        assert out.returncode == 0, out.stderr[-5000:]
+    return out
+
+
+def final_params(model_dir, step):
+    """The parameters saved at `step`, as numpy arrays, whatever devices saved them."""
+    path = os.path.join(model_dir, train.CHECKPOINTS_SUBDIR, str(step), "default")
+    one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(path).item_metadata
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=one_device), metadata
+        )
+        restored = checkpointer.restore(path, target)
+    return jax.tree.map(np.asarray, restored["params"])
+
+
+def max_difference(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(leaves_a, leaves_b))
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory, compilation_cache):
+    """SAM for 3 steps through `python -m sam_jax.train` on one CPU device."""
+    model_dir = str(tmp_path_factory.mktemp("one_device"))
+    out = run_command(RUN_ARGS + SAM_ARGS, model_dir, compilation_cache)
+    return model_dir, out
+
+
+def test_cli_trains_evaluates_records_the_best_and_resumes(one_device_run, compilation_cache):
+    model_dir, out = one_device_run
+    files = set(os.listdir(model_dir))
+    assert {"config.gin", "metrics.jsonl", "curves.png", "checkpoints"} <= files
+    assert any(name.startswith("events.out.tfevents") for name in files)
+    with open(os.path.join(model_dir, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "train: 100%" in out.stderr  # the progress bar
+    # The final table: every task-metric of both tasks, last and best values.
+    table = out.stdout[out.stdout.index("task/metric") :]
+    for name in ("demo_cbqa/exact_match", "demo_cbqa/f1", "demo_cbqa/loss", "demo_nli/accuracy"):
+        assert name in table
+    history = summaries.read_history(model_dir)
+    assert [r["step"] for r in history if "train" in r] == [1, 2, 3]
+    assert [r["step"] for r in history if "eval" in r] == [2, 3]
+    train_keys = {k for r in history if "train" in r for k in r["train"]}
+    assert {"train/loss", "train/sam/perturbed_loss", "train/sam/grad_norm"} <= train_keys
+    assert {"train/lr", "train/examples_per_second", "train/tokens_per_second"} <= train_keys
+    # The best checkpoint per task-metric: recorded, and its step kept.
+    checkpoints = os.path.join(model_dir, train.CHECKPOINTS_SUBDIR)
+    with train.checkpoints.Checkpointer(checkpoints) as checkpointer:
+        best = checkpointer.best()
+    assert set(best) == {k.removeprefix("eval/") for r in history for k in r.get("eval", {})}
+    for entry in best.values():
+        assert entry.step in (2, 3) and os.path.isdir(os.path.join(checkpoints, str(entry.step)))
+    eval_losses = [r["eval"]["eval/demo_nli/loss"] for r in history if "eval" in r]
+    assert best["demo_nli/loss"] == (min(eval_losses), 2 + int(np.argmin(eval_losses)))
+
+    # The same command with more steps resumes from the latest checkpoint.
+    args = RUN_ARGS + ["--gin_file=sam/sam.gin", "--gin.TRAIN_STEPS=4", "--gin.EVAL_PERIOD=2"]
+    resumed = run_command(args, model_dir, compilation_cache)
+    assert "Restoring the checkpoint of step 3" in resumed.stderr
+    assert os.path.isdir(os.path.join(checkpoints, "4"))
+    history = summaries.read_history(model_dir)
+    assert [r["step"] for r in history if "train" in r] == [1, 2, 3, 4]
+
+
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, compilation_cache):
+    """FSAM with dropout: SIGTERM at step 2 saves; the same command continues to step 5."""
+    args = RUN_ARGS + [
+        "--gin_file=sam/fsam.gin",
+        "--gin.MASK_INTERVAL=2",
+        "--gin.RHO=0.15",
+        "--gin.TRAIN_STEPS=5",
+        "--gin.EVAL_PERIOD=4",
+    ]
+    uninterrupted = str(tmp_path / "uninterrupted")
+    result = cli(args + [f"--gin.MODEL_DIR='{uninterrupted}'"])
+    assert (result.step, result.stopped_by) == (5, None)
+
+    record_step = summaries.Summaries.train_step
+
+    def sigterm_at_step_2(self, step, *args, **kwargs):
+        record_step(self, step, *args, **kwargs)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    interrupted = str(tmp_path / "interrupted")
+    command = args + [f"--gin.MODEL_DIR='{interrupted}'"]
+    with monkeypatch.context() as patch:
+        patch.setattr(summaries.Summaries, "train_step", sigterm_at_step_2)
+        stopped = cli(command)
+    assert (stopped.step, stopped.stopped_by) == (2, "SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed
+    saved = os.listdir(os.path.join(interrupted, train.CHECKPOINTS_SUBDIR))
+    assert [name for name in saved if name.isdigit()] == ["2"]
+
+    resumed = cli(command)
+    assert (resumed.step, resumed.stopped_by) == (5, None)
+    assert max_difference(final_params(interrupted, 5), final_params(uninterrupted, 5)) <= 1e-6
+    assert resumed.eval == pytest.approx(result.eval, rel=1e-6)
+    history = summaries.read_history(interrupted)
+    train_records = [r for r in history if "train" in r]
+    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5]
+    assert all(r["train"]["train/sam/rho"] == pytest.approx(0.15) for r in train_records)
+
+
+def test_sharded_run_equals_the_one_device_run(tmp_path, one_device_run):
+    """8 devices as a (data 4, model 2) mesh train the same parameters as one device."""
+    assert jax.device_count() == 8
+    model_dir = str(tmp_path)
+    result = cli(RUN_ARGS + SAM_ARGS + ["--gin.NUM_PARTITIONS=2", f"--gin.MODEL_DIR='{model_dir}'"])
+    assert result.step == 3
+    reference = final_params(one_device_run[0], 3)
+    assert max_difference(final_params(model_dir, 3), reference) <= 1e-5
+    one_device_eval = {
+        k.removeprefix("eval/"): v
+        for r in summaries.read_history(one_device_run[0])
+        if r["step"] == 3
+        for k, v in r.get("eval", {}).items()
+    }
+    assert result.eval == pytest.approx(one_device_eval, rel=1e-4, abs=1e-6)
+
+
+def test_two_processes_train_like_one(tmp_path, one_device_run, compilation_cache):
+    """Two `jax.distributed` processes (2 devices each, mesh data 1 x model 4) == one device."""
+    model_dir = str(tmp_path)
+    args = RUN_ARGS + SAM_ARGS + ["--gin.NUM_PARTITIONS=4", f"--gin.MODEL_DIR='{model_dir}'"]
+    outputs = launch_processes(
+        lambda process_id, coordinator: [
+            sys.executable,
+            "-m",
+            "sam_jax.train",
+            *args,
+            f"--coordinator_address={coordinator}",
+            "--num_processes=2",
+            f"--process_id={process_id}",
+        ],
+        num_processes=2,
+        devices_per_process=2,
+        timeout=400,
+        env=compilation_cache,
+    )
+    assert "task/metric" in outputs[0].stdout and "task/metric" not in outputs[1].stdout
+    reference = final_params(one_device_run[0], 3)
+    assert max_difference(final_params(model_dir, 3), reference) <= 1e-5
+
+
+def file_tree(directory):
+    """{path: (size, mtime)} of every file under `directory`."""
+    tree = {}
+    for root, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(root, name)
+            tree[path] = (os.path.getsize(path), os.path.getmtime(path))
+    return tree
+
+
+def write(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "extra_args, message",
+    [
+        (
+            ["--gin.MIXTURE_OR_TASK_NAME='demo_mixtur'"],
+            r"Unknown seqio task or mixture 'demo_mixtur'\. Did you mean 'demo_mixture'.*"
+            r"Registered \(\d+\): .*demo_cbqa",
+        ),
+        (["--gin.BATCH_SIZE=6"], r"batch size 6 must be a positive multiple of the mesh's data "),
+        (["--gin.NUM_PARTITIONS=16"], r"num_partitions=16 is larger than the device count 8"),
+        (["--gin.t5_1_1_config.vocab_size=128"], r"vocabulary has 259 ids .* VOCAB_SIZE ≥ 259"),
+        (["--gin.train.no_such_argument=1"], r"no_such_argument"),
+    ],
+    ids=["unknown_task", "batch_size", "mesh", "vocabulary", "unknown_binding"],
+)
+def test_bad_input_is_a_one_line_error_and_leaves_the_run_alone(
+    one_device_run, extra_args, message
+):
+    model_dir = one_device_run[0]
+    before = file_tree(model_dir)
+    args = RUN_ARGS + SAM_ARGS + [f"--gin.MODEL_DIR='{model_dir}'"] + extra_args
+    with pytest.raises(train.ConfigError, match=message) as error:
+        cli(args)
+    assert "\n" not in error.value.message
+    assert file_tree(model_dir) == before
+
+
+def test_malformed_gin_files_are_named_with_their_line(tmp_path):
+    unclosed = write(tmp_path / "unclosed.gin", "RHO = 0.1\ntrain.seed = (1,\nSEED = 2\n")
+    bad_value = write(tmp_path / "bad_value.gin", "RHO = 0.1\nSEED = 2 3\n")
+    includes = write(tmp_path / "includes.gin", f"include '{unclosed}'\n")
+    for path, line, what in (
+        (unclosed, 2, "unclosed '('"),
+        (bad_value, 2, "malformed gin file"),
+        (includes, 2, "unclosed '('"),
+    ):
+        with pytest.raises(train.ConfigError) as error:
+            cli(RUN_ARGS + [f"--gin_file={path}", "--gin.MODEL_DIR='/nonexistent'"])
+        where = unclosed if path == includes else path
+        assert error.value.message.startswith(f"{where}:{line}: ") and what in error.value.message
+    with pytest.raises(train.ConfigError, match=r"Unable to open file: missing\.gin"):
+        cli(RUN_ARGS + ["--gin_file=missing.gin"])
+    assert not os.path.exists("/nonexistent")
+
+
+def test_missing_model_dir_is_a_one_line_error_of_the_command(compilation_cache):
+    out = run_command(
+        RUN_ARGS[:3] + ["--gin.TRAIN_STEPS=1"], "", compilation_cache, expect_success=False
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == (
+        "error: MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\"."
+    )
+
+
+def test_prefetch_keeps_the_order_reraises_and_stops_when_closed():
+    assert list(train.prefetch(iter(range(10)), size=3)) == list(range(10))
+
+    def failing():
+        yield 1
+        raise RuntimeError("input pipeline failed")
+
+    batches = train.prefetch(failing())
+    assert next(batches) == 1
+    with pytest.raises(RuntimeError, match="input pipeline failed"):
+        next(batches)
+
+    def endless():
+        yield from itertools.count()
+
+    batches = train.prefetch(endless(), size=2)
+    assert [next(batches) for _ in range(3)] == [0, 1, 2]
+    batches.close()
+    deadline = time.monotonic() + 5
+    while any(t.name == "prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "prefetch" for t in threading.enumerate())
+
+
+def test_eval_gin_evaluates_the_latest_checkpoint_and_trains_nothing(one_device_run, tmp_path):
+    model_dir = one_device_run[0]
+    checkpoints = os.path.join(model_dir, train.CHECKPOINTS_SUBDIR)
+    saved = sorted(name for name in os.listdir(checkpoints) if name.isdigit())
+    args = RUN_ARGS + ["--gin_file=sam/sam.gin", "--gin_file=runs/eval.gin"]
+    result = cli(args + [f"--gin.MODEL_DIR='{model_dir}'"])
+    assert result.step == int(saved[-1]) and result.stopped_by is None
+    assert sorted(name for name in os.listdir(checkpoints) if name.isdigit()) == saved
+    last = summaries.read_history(model_dir)[-1]
+    assert last["step"] == result.step and "eval/demo_nli/accuracy" in last["eval"]
+    with pytest.raises(train.ConfigError, match="no checkpoint in .* to evaluate"):
+        cli(args + [f"--gin.MODEL_DIR='{tmp_path / 'none'}'"])
+    assert not os.path.exists(tmp_path / "none")
