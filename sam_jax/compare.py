@@ -47,13 +47,13 @@ COMPILATION_CACHE = "jax_cache"
 _OUTPUT_DIR = flags.DEFINE_string(
     "output_dir", None, "Where the runs and the plot go (default: a new temporary directory)."
 )
-_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 200, "Training steps of every variant.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 800, "Training steps of every variant.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 16, "Examples per step.")
-_EVAL_PERIOD = flags.DEFINE_integer("eval_period", 100, "Evaluate every this many steps.")
+_EVAL_PERIOD = flags.DEFINE_integer("eval_period", 400, "Evaluate every this many steps.")
 _TRAIN_FRACTION = flags.DEFINE_float(
     "train_fraction",
-    0.25,
-    "Fraction of each demo task's training split to train on (generalization at stake).",
+    1.0,
+    "Fraction of each demo task's training split to train on (1.0: all of the small splits).",
 )
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the initialization, dropout and data order.")
 _VARIANTS = flags.DEFINE_list(

@@ -8,7 +8,7 @@ batches and continues exactly as the uninterrupted run::
 
   batches = train_batches(
       "demo_mixture",
-      sequence_length={"inputs": 64, "targets": 16},
+      sequence_length={"inputs": 24, "targets": 4},
       global_batch_size=32,
       seed=0,
       start_step=restored_step,

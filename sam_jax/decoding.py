@@ -42,7 +42,7 @@ def greedy_decode(
       target_length: the number of tokens to decode.
       eos_id: the end-of-sequence id; a row stops at its first EOS.
       num_valid_ids: if given, only ids below it are predicted (a model whose
-        vocabulary is padded beyond the task's, e.g. 384 for 259 byte ids).
+        vocabulary is padded beyond the task's, e.g. 32128 for T5's 32100 ids).
 
     Returns:
       int32 [batch, target_length]: each row's tokens up to and including its

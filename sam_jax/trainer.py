@@ -9,7 +9,7 @@ training loop, data, checkpoints and gin live in `sam_jax.train`.
 
 Example::
 
-  config = t5.t5_1_1_config("tiny", vocab_size=384)
+  config = t5.t5_1_1_config("tiny", vocab_size=1280)
   trainer = Trainer(
       t5.Transformer(config),
       optimizer=optax.adamw,

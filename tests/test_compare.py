@@ -14,7 +14,6 @@ SHORT = dict(train_steps=3, batch_size=8, eval_period=2, train_fraction=0.05, se
 ONE_LAYER = [
     "t5_1_1_config.num_encoder_layers = 1",
     "t5_1_1_config.num_decoder_layers = 1",
-    "TASK_FEATURE_LENGTHS = {'inputs': 64, 'targets': 8}",
     "train.max_eval_examples = 16",
 ]
 

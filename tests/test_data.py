@@ -15,8 +15,7 @@ from sam_jax import data  # noqa: E402
 from tasks import demo  # noqa: E402
 from tasks import preprocessing  # noqa: E402
 
-SEQ = {"inputs": 64, "targets": 16}
-BYTE_OFFSET = 3  # ByteVocabulary: pad 0, eos 1, unk 2, byte b -> b + 3
+SEQ = demo.SEQUENCE_LENGTH  # {"inputs": 24, "targets": 4}
 
 
 def _take(iterator, n):
@@ -32,7 +31,7 @@ def _assert_same_batches(a, b):
 
 
 def _decode(ids):
-    return bytes(int(i) - BYTE_OFFSET for i in ids if i >= BYTE_OFFSET).decode()
+    return demo.VOCABULARY.decode([int(i) for i in ids])
 
 
 SMALL_TASK_SIZE = 40
@@ -112,9 +111,9 @@ def _batches(name, **kwargs):
 def test_train_batches_of_the_demo_mixture_have_the_enc_dec_features():
     batch = next(_batches("demo_mixture"))
     assert tuple(sorted(batch)) == tuple(sorted(data.ENC_DEC_FEATURES))
-    assert batch["encoder_input_tokens"].shape == (8, 64)
+    assert batch["encoder_input_tokens"].shape == (8, 24)
     for key in ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights"):
-        assert batch[key].shape == (8, 16)
+        assert batch[key].shape == (8, 4)
     assert {v.dtype for v in batch.values()} == {np.dtype(np.int32)}
     targets = batch["decoder_target_tokens"]
     np.testing.assert_array_equal(batch["decoder_loss_weights"], targets > 0)
@@ -136,7 +135,8 @@ def test_train_batches_are_deterministic_in_the_seed_and_resume_exactly(small_mi
 
 
 def test_packed_batches_hold_several_examples_per_row(small_mixture):
-    batch = next(_batches(small_mixture, pack=True))
+    # Rows long enough for several of these examples (their words are byte pieces).
+    batch = next(_batches(small_mixture, pack=True, sequence_length={"inputs": 64, "targets": 16}))
     assert set(batch) == set(data.ENC_DEC_FEATURES) | set(data.PACKING_FEATURES)
     segments, positions = batch["decoder_segment_ids"], batch["decoder_positions"]
     assert segments.max() >= 2  # packing happened
@@ -152,7 +152,7 @@ def test_input_shards_are_disjoint_halves_of_the_split(small_mixture):
         batches = _take(
             _batches("test_data_alpha", global_batch_size=8, shard_id=shard_id, num_shards=2), 20
         )
-        assert batches[0]["encoder_input_tokens"].shape == (4, 64)  # the local batch
+        assert batches[0]["encoder_input_tokens"].shape == (4, 24)  # the local batch
         inputs = {_decode(row) for b in batches for row in b["encoder_input_tokens"]}
         assert inputs == set(examples[shard_id::2])  # seqio shards examples round-robin
         seen.append(inputs)

@@ -18,9 +18,8 @@ import tasks  # noqa: E402  (registers the demo tasks)
 from tasks import demo  # noqa: E402
 from tasks import preprocessing as pp  # noqa: E402
 
-SEQ = {"inputs": 64, "targets": 16}
+SEQ = demo.SEQUENCE_LENGTH
 EOS = 1
-BYTE_OFFSET = 3  # ByteVocabulary: pad 0, eos 1, unk 2, byte b -> b + 3
 
 
 def _task_examples(name, split="train", **kwargs):
@@ -47,8 +46,8 @@ def _texts(examples):
     ]
 
 
-def _byte_ids(text):
-    return [b + BYTE_OFFSET for b in text.encode("utf-8")] + [EOS]
+def _ids(text):
+    return list(demo.VOCABULARY.encode(text)) + [EOS]
 
 
 @pytest.fixture
@@ -77,14 +76,14 @@ def test_tasks_and_mixture_are_registered():
     mixture = seqio.get_mixture_or_task("demo_mixture")
     assert [t.name for t in mixture.tasks] == ["demo_cbqa", "demo_nli"]
     # Proportional rates: the training-set sizes.
-    assert mixture.get_rate(seqio.get_mixture_or_task("demo_cbqa")) == 1080
-    assert mixture.get_rate(seqio.get_mixture_or_task("demo_nli")) == 2000
+    assert mixture.get_rate(seqio.get_mixture_or_task("demo_cbqa")) == 600
+    assert mixture.get_rate(seqio.get_mixture_or_task("demo_nli")) == 600
     for name in ("demo_cbqa", "demo_nli"):
         task = seqio.get_mixture_or_task(name)
         assert set(task.output_features) == {"inputs", "targets"}
         for feature in task.output_features.values():
-            assert isinstance(feature.vocabulary, seqio.ByteVocabulary)
-            assert feature.vocabulary.vocab_size == 259
+            assert isinstance(feature.vocabulary, seqio.SentencePieceVocabulary)
+            assert feature.vocabulary.vocab_size == 1280
             assert feature.add_eos
         assert task.splits == ("train", "validation")
         assert task.metric_fns
@@ -109,40 +108,42 @@ def test_mixture_yields_tokenized_examples_of_both_tasks():
             assert ex[key][-1] == EOS and EOS not in ex[key][:-1]
         text = (vocab.decode(ex["inputs"].tolist()), vocab.decode(ex["targets"].tolist()))
         assert text in known, text
-        assert ex["inputs"].tolist() == _byte_ids(text[0])
+        assert ex["inputs"].tolist() == _ids(text[0])
         seen_tasks.add(known[text])
     assert seen_tasks == {"cbqa", "nli"}
 
 
 def test_known_examples_decode_to_expected_text():
     cbqa = _canonical("demo_cbqa")
-    assert len(cbqa) == 1080
+    assert len(cbqa) == 600
     first = cbqa[0]
-    question = "question: Minle Greberg works as what?"
-    assert first["inputs"].tolist() == _byte_ids(question)
-    assert first["targets"].tolist() == _byte_ids("tailor")
+    question = "tell me Seta's city."
+    # The shipped vocabulary's ids: a change of vocabulary or generator shows here.
+    assert first["inputs"].tolist() == [371, 367, 724, 1264, 1240, 340, 1251, EOS]
+    assert first["targets"].tolist() == [527, EOS]
     assert demo.VOCABULARY.decode(first["inputs"].tolist()) == question
+    assert demo.VOCABULARY.decode(first["targets"].tolist()) == "Lima"
     assert first["inputs_pretokenized"].decode() == question
 
     nli = _canonical("demo_nli")
-    assert len(nli) == 2000
-    text = "premise: Pik has 10 keys. hypothesis: Pik has at most 7 cats"
+    assert len(nli) == 600
+    text = "premise: Veso, Furo and Dana sang. hypothesis: Furo sang"
     assert demo.VOCABULARY.decode(nli[0]["inputs"].tolist()) == text
-    assert demo.VOCABULARY.decode(nli[0]["targets"].tolist()) == "neutral"
+    assert demo.VOCABULARY.decode(nli[0]["targets"].tolist()) == "entailment"
 
     val = _canonical("demo_cbqa", "validation")
-    assert len(val) == 360
-    assert _texts(val)[0] == ("question: what is the capital of Vekthaikora?", "Thalga")
+    assert len(val) == 120
+    assert _texts(val)[0] == ("which job does Vuzi have?", "judge")
     assert len(_canonical("demo_nli", "validation")) == 300
 
 
 @pytest.mark.parametrize("generator", [demo.cbqa_examples, demo.nli_examples])
 def test_sizes_fit_the_demo_limits(generator):
     for split, examples in generator().items():
-        assert len(examples) <= (5000 if split == "train" else 500)
-        # + EOS, they fit the sequence lengths 64 / 16 without truncation.
-        assert max(len(ex["inputs"].encode()) for ex in examples) <= 63
-        assert max(len(ex["targets"].encode()) for ex in examples) <= 15
+        assert len(examples) <= (1000 if split == "train" else 300)
+        # + EOS, they fit the sequence lengths 24 / 4 without truncation.
+        for key, limit in (("inputs", demo.MAX_INPUT_PIECES), ("targets", demo.MAX_TARGET_PIECES)):
+            assert max(len(demo.VOCABULARY.encode(ex[key])) for ex in examples) <= limit
         inputs = [ex["inputs"] for ex in examples]
         assert len(set(inputs)) == len(inputs)  # no duplicate questions
 
@@ -152,6 +153,42 @@ def test_pipeline_matches_generator():
         for split in ("train", "validation"):
             expected = [(ex["inputs"], ex["targets"]) for ex in gen()[split]]
             assert _texts(_canonical(name, split)) == expected
+
+
+# --------------------------------------------------------------------------- #
+# The shipped vocabulary.
+# --------------------------------------------------------------------------- #
+
+
+def test_every_demo_word_is_one_piece_and_other_text_round_trips():
+    vocab = demo.VOCABULARY
+    words = {
+        word
+        for ex in demo.all_examples()
+        for text in (ex["inputs"], ex["targets"])
+        for word in re.findall(r"[A-Za-z]+", text)
+    }
+    assert len(words) > 200
+    assert [w for w in sorted(words) if len(vocab.encode(w)) != 1] == []
+    # Byte fallback: text the demo never uses still decodes to itself, without UNK.
+    for text in ("Zürich 1984: 3/4 naïve", "tab\tand ~ünïcode~"):
+        ids = vocab.encode(text)
+        assert 2 not in ids and vocab.decode(ids) == text
+    assert vocab.vocab_size == 1280 and (vocab.pad_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2)
+
+
+def test_the_shipped_vocabulary_is_what_the_build_script_makes(tmp_path):
+    sentencepiece = pytest.importorskip("sentencepiece")
+    from tasks import build_demo_vocabulary
+
+    rebuilt = tmp_path / "demo_vocabulary.model"
+    build_demo_vocabulary.build(str(rebuilt))
+
+    def pieces(path):
+        model = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        return [model.id_to_piece(i) for i in range(model.get_piece_size())]
+
+    assert pieces(rebuilt) == pieces(demo.VOCABULARY_PATH)
 
 
 # --------------------------------------------------------------------------- #
@@ -171,18 +208,19 @@ def test_cbqa_validation_is_held_out_but_learnable():
         assert ex["inputs"] not in train_inputs
         assert ex["subject"] in ex["inputs"]
         seen = by_fact[(ex["relation"], ex["subject"])]
-        # The same fact, same answer, under the other three templates.
-        assert len(seen) == 3
+        # The same fact, same answer, under the other five templates.
+        assert len(seen) == demo.CBQA_NUM_TEMPLATES - 1 == 5
         assert all(t["targets"] == ex["targets"] for t in seen)
         assert ex["template"] not in {t["template"] for t in seen}
         # The wording itself is familiar: seen in training with other subjects.
         assert (ex["relation"], ex["template"]) in train_templates
     # Every fact is asked in validation exactly once.
     assert {(ex["relation"], ex["subject"]) for ex in val} == set(by_fact)
-    # Answers are a function of the fact: no subject has two answers for one
-    # relation, and capitals are unique per country.
-    capitals = [ex["targets"] for ex in val if ex["relation"] == "capital"]
-    assert len(set(capitals)) == len(capitals) == demo.CBQA_NUM_COUNTRIES
+    # Every answer is one of its relation's, and each relation uses most of them.
+    for relation, answers in demo.CBQA_ANSWERS.items():
+        given = {ex["targets"] for ex in val if ex["relation"] == relation}
+        assert given <= set(answers) and len(given) >= len(answers) - 1
+    assert len(val) == demo.CBQA_NUM_PEOPLE * len(demo.CBQA_RELATIONS)
 
 
 def test_nli_validation_uses_new_entities_and_values():
@@ -193,14 +231,11 @@ def test_nli_validation_uses_new_entities_and_values():
     train_words = set(re.findall(r"\w+", train_text))
     assert not set(names["validation"]) & train_words
     for ex in data["validation"]:
-        words = set(re.findall(r"[A-Z]\w+", ex["premise"]))
+        words = set(re.findall(r"[A-Z]\w+", ex["inputs"]))
         assert words and words <= set(names["validation"])
-    held_out = {str(n) for n in demo.NLI_HELD_OUT_COUNTS + demo.NLI_HELD_OUT_AGES}
-    assert not held_out & train_words
-    val_numbers = [
-        set(re.findall(r"\d+", ex["premise"])) for ex in data["validation"] if ex["family"] != "set"
-    ]
-    assert val_numbers and all(nums & held_out for nums in val_numbers)
+    # Nor are they the closed-book QA people.
+    cbqa_people = {subject for _, subject, _ in demo.cbqa_fact_table()}
+    assert not cbqa_people & (set(names["train"]) | set(names["validation"]))
     train_inputs = {ex["inputs"] for ex in data["train"]}
     assert not train_inputs & {ex["inputs"] for ex in data["validation"]}
 
@@ -209,31 +244,7 @@ _VERB_BASE = dict(demo.NLI_VERBS)
 
 
 def _nli_rule(premise, hypothesis):
-    """An independent reading of the three sentence families."""
-    m = re.fullmatch(r"(\w+) has (no|\d+) (\w+)\.", premise)
-    if m:
-        name, k, obj = m.group(1), 0 if m.group(2) == "no" else int(m.group(2)), m.group(3)
-        h = re.fullmatch(r"(\w+) has (?:at (least|most) (\d+)|(no)) (\w+)", hypothesis)
-        assert h, hypothesis
-        if h.group(1) != name or h.group(5).rstrip("s") != obj.rstrip("s"):
-            return "neutral"
-        if h.group(4) == "no":
-            holds = k == 0
-        elif h.group(2) == "least":
-            holds = k >= int(h.group(3))
-        else:
-            holds = k <= int(h.group(3))
-        return "entailment" if holds else "contradiction"
-    m = re.fullmatch(r"(\w+) is (\d+), (\w+) (\d+)\.", premise)
-    if m:
-        ages = {m.group(1): int(m.group(2)), m.group(3): int(m.group(4))}
-        h = re.fullmatch(r"(\w+) is (older|younger) than (\w+)", hypothesis)
-        assert h, hypothesis
-        x, rel, y = h.groups()
-        if x not in ages or y not in ages:
-            return "neutral"
-        holds = ages[x] > ages[y] if rel == "older" else ages[x] < ages[y]
-        return "entailment" if holds else "contradiction"
+    """An independent reading of the premise/hypothesis pairs."""
     m = re.fullmatch(r"(\w+) and (\w+) did not (\w+)\.", premise)
     if m:
         people, verb, did = {m.group(1), m.group(2)}, m.group(3), False
@@ -263,8 +274,16 @@ def test_nli_labels_follow_the_rules(split):
     labels = [ex["targets"] for ex in examples]
     for label in demo.NLI_LABELS:  # roughly balanced
         assert labels.count(label) / len(labels) > 0.25
-    families = {ex["family"] for ex in examples}
-    assert families == {"count", "age", "set"}
+    # Negation: every polarity pair of premise and hypothesis occurs where the rule allows.
+    polarities = {label: set() for label in demo.NLI_LABELS}
+    for ex in examples:
+        polarities[ex["targets"]].add(("did not" in ex["premise"], "did not" in ex["hypothesis"]))
+    same, different = {(False, False), (True, True)}, {(False, True), (True, False)}
+    assert polarities == {
+        "entailment": same,
+        "contradiction": different,
+        "neutral": same | different,
+    }
 
 
 # --------------------------------------------------------------------------- #
@@ -313,7 +332,7 @@ def test_registration_is_idempotent():
     mixture = seqio.get_mixture_or_task("demo_mixture")
     # The mixture points at the live (re-registered) task objects.
     assert all(seqio.TaskRegistry.get(t.name) is t for t in mixture.tasks)
-    assert len(_task_examples("demo_cbqa")) == 1080
+    assert len(_task_examples("demo_cbqa")) == 600
 
 
 # --------------------------------------------------------------------------- #
@@ -373,7 +392,7 @@ def test_registered_train_fraction_tasks(registered):
         "nli": "demo_nli_frac0.1",
         "mixture": "demo_mixture_frac0.1",
     }
-    for key, gen, full in (("cbqa", demo.cbqa_examples, 1080), ("nli", demo.nli_examples, 2000)):
+    for key, gen, full in (("cbqa", demo.cbqa_examples, 600), ("nli", demo.nli_examples, 600)):
         task = seqio.get_mixture_or_task(names[key])
         got = _texts(_task_examples(names[key]))
         assert len(got) == full // 10 == task.num_input_examples("train")
@@ -386,7 +405,7 @@ def test_registered_train_fraction_tasks(registered):
         )
         assert task.num_input_examples("validation") == len(gen()["validation"])
     mixture = seqio.get_mixture_or_task(names["mixture"])
-    assert [mixture.get_rate(t) for t in mixture.tasks] == [108, 200]
+    assert [mixture.get_rate(t) for t in mixture.tasks] == [60, 60]
 
 
 def test_train_fraction_tasks_nested_and_seeded(registered):
@@ -396,7 +415,7 @@ def test_train_fraction_tasks_nested_and_seeded(registered):
     other = registered(train_fraction=0.05, seed=7)
     assert other["nli"] == "demo_nli_frac0.05_seed7"
     reseeded = set(_texts(_task_examples(other["nli"])))
-    assert len(small) == 100 and len(large) == 400 and len(reseeded) == 100
+    assert len(small) == 30 and len(large) == 120 and len(reseeded) == 30
     assert small < large
     assert small == again
     assert small != reseeded
@@ -543,6 +562,6 @@ def test_packed_encdec_feature_converter(lengths):
             assert ex["decoder_input_tokens"][dseg == s].tolist() == [0] + targets[:-1]
         np.testing.assert_array_equal(ex["decoder_loss_weights"] > 0, dseg > 0)
         np.testing.assert_array_equal(ex["encoder_input_tokens"] > 0, seg > 0)
-    # With 128/32 several examples share a row; at 64/16 few pairs fit.
+    # With 128/32 several examples share a row; at 24/4 few pairs fit.
     if n_in >= 128:
         assert max_segments >= 2

@@ -257,7 +257,7 @@ def write(path, text):
         ),
         (["--gin.BATCH_SIZE=6"], r"batch size 6 must be a positive multiple of the mesh's data "),
         (["--gin.NUM_PARTITIONS=16"], r"num_partitions=16 is larger than the device count 8"),
-        (["--gin.t5_1_1_config.vocab_size=128"], r"vocabulary has 259 ids .* VOCAB_SIZE ≥ 259"),
+        (["--gin.t5_1_1_config.vocab_size=128"], r"vocabulary has 1280 ids .* VOCAB_SIZE ≥ 1280"),
         (["--gin.train.no_such_argument=1"], r"no_such_argument"),
     ],
     ids=["unknown_task", "batch_size", "mesh", "vocabulary", "unknown_binding"],
