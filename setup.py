@@ -33,7 +33,16 @@ setuptools.setup(
     "language models in JAX/Flax/Optax.",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=setuptools.find_packages(include=["sam_jax", "sam_jax.*", "tasks", "tasks.*"]),
+    packages=[
+        *setuptools.find_packages(include=["sam_jax", "sam_jax.*", "tasks", "tasks.*"]),
+        "sam_jax.gin",
+    ],
+    # The gin configs stay in the repository's gin/ directory (run from the repository
+    # root as --gin_file=gin/runs/finetune.gin); installed, they are sam_jax/gin/, where
+    # sam_jax.train looks for them. `**` needs setuptools >= 62.3 (Python 3.11 ships 65.5).
+    package_dir={"sam_jax.gin": "gin"},
+    # The demo tasks' SentencePiece vocabulary ships with the tasks package.
+    package_data={"sam_jax.gin": ["**/*.gin"], "tasks": ["data/*.model"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={"train": TRAIN, "test": TEST, "tpu": TPU},

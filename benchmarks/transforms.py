@@ -20,17 +20,23 @@ Usage: python benchmarks/transforms.py [--rounds=5] [--markdown]
 """
 
 import dataclasses
+import functools
 import statistics
-import time
 from collections.abc import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import app
 from absl import flags
+from harness import amortized
+from harness import compiled_flops
+from harness import print_table
+from harness import refresh_flops
+from harness import round_robin
+from harness import synthetic_batch
+from harness import timed
 
 import sam_jax
 from sam_jax.models import t5
@@ -41,6 +47,7 @@ _PER_INSTANCE_BATCH = flags.DEFINE_integer("per_instance_batch", 8, "Batch of pe
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown.")
 
 INPUT_LENGTH, TARGET_LENGTH = 96, 32
+VOCAB_SIZE = 2048
 FSAM_INTERVAL = 100
 
 
@@ -60,10 +67,14 @@ class Variant:
     times: list = dataclasses.field(default_factory=list)
     refresh_times: list = dataclasses.field(default_factory=list)
 
+    def run(self, params, key, state=None):
+        """Seconds of one step from `state` (default: the variant's ordinary state)."""
+        return timed(self.step, params, self.state if state is None else state, key)[0]
+
 
 def make_model():
     config = t5.T5Config(
-        vocab_size=2048,
+        vocab_size=VOCAB_SIZE,
         emb_dim=256,
         num_heads=4,
         head_dim=64,
@@ -77,13 +88,7 @@ def make_model():
 
 
 def make_batch(num_examples, seed=0):
-    rng = np.random.default_rng(seed)
-    targets = rng.integers(1, 2048, (num_examples, TARGET_LENGTH), dtype=np.int32)
-    return {
-        "encoder_input_tokens": rng.integers(1, 2048, (num_examples, INPUT_LENGTH), np.int32),
-        "decoder_input_tokens": np.pad(targets[:, :-1], ((0, 0), (1, 0))),
-        "decoder_target_tokens": targets,
-    }
+    return synthetic_batch(num_examples, INPUT_LENGTH, TARGET_LENGTH, VOCAB_SIZE, seed)
 
 
 def make_loss_fn(model):
@@ -125,18 +130,10 @@ def compile_variant(name, tx, params, batch, loss_fn, plain, baseline="AdamW"):
         step=compiled,
         state=state,
         batch=batch,
-        flops=compiled.cost_analysis()["flops"],
+        flops=compiled_flops(compiled),
         temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
         baseline=baseline,
     )
-
-
-def refresh_flops(mask, params, batch, loss_fn, state):
-    """FLOPs of one Fisher-mask refresh (XLA counts the costlier branch of a cond)."""
-    refresh = jax.jit(
-        lambda p, s: mask.update(s, jnp.int32(0), p, loss_fn, batch, jax.random.key(0))
-    )
-    return refresh.lower(params, state.mask_state).compile().cost_analysis()["flops"]
 
 
 def build_variants(model, params):
@@ -185,34 +182,27 @@ def build_variants(model, params):
             # The state after init refreshes at count 0; count 1 is an ordinary step.
             variant.refresh_state = variant.state
             variant.state = variant.state._replace(count=jnp.int32(1))
-            variant.refresh_flops = refresh_flops(fisher, params, data, loss_fn, variant.state)
+            variant.refresh_flops = refresh_flops(
+                fisher, params, data, loss_fn, variant.state.mask_state
+            )
         variants[name] = variant
         print(f"compiled {name}", flush=True)
     return variants
 
 
-def timed(step, params, state, key):
-    start = time.perf_counter()
-    jax.block_until_ready(step(params, state, key))
-    return time.perf_counter() - start
-
-
 def measure(variants, params, rounds):
     key = jax.random.key(1)
-    for variant in variants.values():  # warm-up
-        timed(variant.step, params, variant.state, key)
-    for r in range(rounds):
-        for variant in variants.values():
-            variant.times.append(timed(variant.step, params, variant.state, key))
-            if variant.refresh_state is not None:
-                variant.refresh_times.append(
-                    timed(variant.step, params, variant.refresh_state, key)
-                )
-        print(f"round {r + 1}/{rounds}", flush=True)
-
-
-def amortized(ordinary, refresh):
-    return ((FSAM_INTERVAL - 1) * ordinary + refresh) / FSAM_INTERVAL
+    runs = {}
+    for name, variant in variants.items():
+        runs[name] = functools.partial(variant.run, params, key)
+        if variant.refresh_state is not None:
+            runs[f"{name} (refresh)"] = functools.partial(
+                variant.run, params, key, variant.refresh_state
+            )
+    times = round_robin(runs, rounds)
+    for name, variant in variants.items():
+        variant.times = times[name]
+        variant.refresh_times = times.get(f"{name} (refresh)", [])
 
 
 def report(variants, param_bytes):
@@ -222,8 +212,8 @@ def report(variants, param_bytes):
         seconds = statistics.median(variant.times)
         flops = variant.flops
         if variant.refresh_state is not None:
-            seconds = amortized(seconds, statistics.median(variant.refresh_times))
-            flops = amortized(flops - variant.refresh_flops, flops)
+            seconds = amortized(seconds, statistics.median(variant.refresh_times), FSAM_INTERVAL)
+            flops = amortized(flops - variant.refresh_flops, flops, FSAM_INTERVAL)
         base_seconds = statistics.median(base.times)
         rows.append(
             (
@@ -235,15 +225,8 @@ def report(variants, param_bytes):
             )
         )
     header = ("variant", "ms/step", "time ×", "FLOPs ×", "temp mem − plain (param copies)")
-    if _MARKDOWN.value:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "---|" * len(header))
-        for name, ms, t, f, m in rows:
-            print(f"| {name} | {ms:.0f} | {t:.2f} | {f:.2f} | {m:+.2f} |")
-    else:
-        print(f"{header[0]:<24}{header[1]:>9}{header[2]:>8}{header[3]:>9}  {header[4]}")
-        for name, ms, t, f, m in rows:
-            print(f"{name:<24}{ms:>9.0f}{t:>8.2f}{f:>9.2f}  {m:+.2f}")
+    cells = [(name, f"{ms:.0f}", f"{t:.2f}", f"{f:.2f}", f"{m:+.2f}") for name, ms, t, f, m in rows]
+    print_table(header, cells, _MARKDOWN.value)
 
 
 def main(argv):

@@ -11,7 +11,9 @@ r"""Fine-tunes a T5.1.1 model on a seqio task or mixture, configured with gin (T
   --gin_bindings      extra bindings, e.g. --gin_bindings="RHO = 0.15"; T5X's
                       --gin.RHO=0.15 is the same.
   --gin_search_paths  where gin files and their `include`s are looked up;
-                      default: the repository's gin/ directory and the cwd.
+                      default: the package's gin configs (the repository's
+                      gin/ directory, installed as sam_jax/gin), the directory
+                      above them (for 'gin/runs/...' paths) and the cwd.
   --module_import     modules that register seqio tasks (default: `tasks`).
   --coordinator_address, --num_processes, --process_id
                       a multi-process run on machines JAX does not detect.
@@ -60,7 +62,33 @@ from sam_jax import summaries
 from sam_jax import trainer as trainer_lib
 from sam_jax.models import t5
 
-REPO_GIN_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "gin")
+
+def find_gin_dir(package_dir: str) -> str:
+    """The gin configs of the `sam_jax` package in `package_dir`.
+
+    A regular install (`pip install .`) has them as the package data
+    `<package_dir>/gin`: setup.py maps the repository's gin/ directory onto
+    `sam_jax.gin`. A source checkout or an editable install has them in the
+    repository's gin/ directory, next to `package_dir`.
+
+    Args:
+      package_dir: the directory of the `sam_jax` package.
+
+    Returns:
+      `<package_dir>/gin` if it is a directory, else `<package_dir>/../gin`.
+    """
+    installed = os.path.join(package_dir, "gin")
+    if os.path.isdir(installed):
+        return installed
+    return os.path.join(os.path.dirname(package_dir), "gin")
+
+
+# The gin configs ('runs/finetune.gin', 'models/t5_1_1/tiny.gin', ...; their
+# `include`s are relative to it).
+GIN_DIR = find_gin_dir(os.path.dirname(os.path.abspath(__file__)))
+# Where gin files are looked up, after the path as given: GIN_DIR, its parent (so
+# that 'gin/runs/finetune.gin' works from any directory) and the cwd.
+DEFAULT_GIN_SEARCH_PATHS = (GIN_DIR, os.path.dirname(GIN_DIR), ".")
 CONFIG_FILE = "config.gin"
 CHECKPOINTS_SUBDIR = "checkpoints"
 
@@ -70,7 +98,7 @@ _GIN_BINDINGS = flags.DEFINE_multi_string(
 )
 _GIN_SEARCH_PATHS = flags.DEFINE_list(
     "gin_search_paths",
-    [REPO_GIN_DIR, "."],
+    list(DEFAULT_GIN_SEARCH_PATHS),
     "Directories in which gin files and their includes are looked up.",
 )
 _MODULE_IMPORTS = flags.DEFINE_multi_string(
@@ -230,7 +258,7 @@ def _malformed_gin_message(
 def parse_gin(
     gin_files: Sequence[str],
     gin_bindings: Sequence[str],
-    search_paths: Sequence[str] = (REPO_GIN_DIR, "."),
+    search_paths: Sequence[str] = DEFAULT_GIN_SEARCH_PATHS,
 ) -> None:
     """Replaces the gin config: parses files, then bindings, then finalizes (T5X order).
 
@@ -419,6 +447,119 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+class TrainSetup(NamedTuple):
+    """The trainer of a run and its partitioned functions, as `train` builds them.
+
+    Attributes:
+      trainer: the `sam_jax.trainer.Trainer` (model, optimizer, loss).
+      partitioner: the device mesh and logical axis rules.
+      state_shardings: the `NamedSharding`s of the `TrainState`.
+      abstract_state: the `TrainState` as `jax.ShapeDtypeStruct`s with those
+        shardings (the target a checkpoint is restored into).
+      init_state: `init_state()`, a fresh sharded `TrainState` (partitioned).
+      train_step: `train_step(state, global_batch, dropout_key) -> (state, metrics)`,
+        partitioned, the state donated; the step the run calls.
+      dropout_key: the run's dropout key (derived from `seed`).
+    """
+
+    trainer: trainer_lib.Trainer
+    partitioner: partitioning.Partitioner
+    state_shardings: Any
+    abstract_state: Any
+    init_state: partitioning.PartitionedFunction
+    train_step: partitioning.PartitionedFunction
+    dropout_key: jax.Array
+
+
+def setup_training(
+    *,
+    model: t5.T5Config,
+    optimizer: Callable[..., optax.GradientTransformation],
+    learning_rate: trainer_lib.LearningRate,
+    sam: trainer_lib.SamFactory | None,
+    batch_size: int,
+    num_microbatches: int,
+    num_partitions: int,
+    logical_axis_rules: Sequence[tuple[str, str | None]],
+    seed: int,
+    z_loss: float,
+) -> TrainSetup:
+    """The mesh, the trainer and its partitioned init and train steps of a run.
+
+    `train` trains with these; benchmarks/trainer.py times the same `train_step`.
+    Nothing is compiled yet: that happens at the first call (or `.lower().compile()`).
+
+    Example::
+
+      setup = setup_training(**arguments)  # the `train` arguments of these names
+      state = setup.init_state()
+      state, metrics = setup.train_step(
+          state, setup.partitioner.global_batch(local_batch), setup.dropout_key
+      )
+
+    Args:
+      model: the `T5Config`; `dtype` may be a name such as 'bfloat16'.
+      optimizer: an Optax optimizer factory called with `learning_rate=`.
+      learning_rate: a float or an Optax schedule.
+      sam: a SAM factory, or None for the optimizer alone.
+      batch_size: global examples per step.
+      num_microbatches: gradient accumulation steps.
+      num_partitions: model-parallel degree (mesh (devices / n, n)).
+      logical_axis_rules: logical to mesh axis rules.
+      seed: parameter initialisation and dropout.
+      z_loss: T5X's auxiliary log(Z)² loss coefficient.
+
+    Returns:
+      A `TrainSetup`.
+
+    Raises:
+      ValueError: for a batch size the mesh or `num_microbatches` does not divide,
+        a bad `num_partitions`, or arguments the trainer or the SAM factory rejects.
+    """
+    model = dataclasses.replace(model, dtype=jnp.dtype(model.dtype))
+    partitioner = partitioning.Partitioner(num_partitions, logical_axis_rules)
+    partitioner.check_batch_size(batch_size)
+    _check(
+        batch_size % (num_microbatches * partitioner.data_axis_size) == 0,
+        f"The batch size {batch_size} must be a multiple of num_microbatches "
+        f"({num_microbatches}) × the data axis size ({partitioner.data_axis_size}).",
+    )
+    trainer = trainer_lib.Trainer(
+        t5.Transformer(model),
+        optimizer,
+        learning_rate,
+        sam,
+        num_microbatches=num_microbatches,
+        num_data_shards=partitioner.data_axis_size,
+        z_loss=z_loss,
+    )
+    state_shardings = partitioner.shardings(trainer.logical_state())
+    abstract_state = jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        jax.eval_shape(trainer.init_state, jax.random.key(0)),
+        state_shardings,
+    )
+    init_key, dropout_key = jax.random.split(jax.random.key(seed))
+    init_state = partitioner.partition(
+        lambda: trainer.init_state(init_key), in_shardings=(), out_shardings=state_shardings
+    )
+    train_step = partitioner.partition(
+        trainer.train_step,
+        in_shardings=(state_shardings, partitioner.data_sharding(), partitioner.replicated()),
+        out_shardings=(state_shardings, partitioner.replicated()),
+        donate_argnums=(0,),
+    )
+    return TrainSetup(
+        trainer=trainer,
+        partitioner=partitioner,
+        state_shardings=state_shardings,
+        abstract_state=abstract_state,
+        init_state=init_state,
+        train_step=train_step,
+        dropout_key=dropout_key,
+    )
+
+
 @gin.configurable
 def train(
     *,
@@ -518,24 +659,19 @@ def train(
         f"vocab_size is {model.vocab_size}: set VOCAB_SIZE ≥ {vocabulary.vocab_size}.",
     )
     try:
-        model = dataclasses.replace(model, dtype=jnp.dtype(model.dtype))
-        partitioner = partitioning.Partitioner(num_partitions, logical_axis_rules)
-        partitioner.check_batch_size(batch_size)
-        partitioner.check_batch_size(eval_batch_size)
-        _check(
-            batch_size % (num_microbatches * partitioner.data_axis_size) == 0,
-            f"The batch size {batch_size} must be a multiple of num_microbatches "
-            f"({num_microbatches}) × the data axis size ({partitioner.data_axis_size}).",
-        )
-        trainer = trainer_lib.Trainer(
-            t5.Transformer(model),
-            optimizer,
-            learning_rate,
-            sam,
+        setup = setup_training(
+            model=model,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            sam=sam,
+            batch_size=batch_size,
             num_microbatches=num_microbatches,
-            num_data_shards=partitioner.data_axis_size,
+            num_partitions=num_partitions,
+            logical_axis_rules=logical_axis_rules,
+            seed=seed,
             z_loss=z_loss,
         )
+        setup.partitioner.check_batch_size(eval_batch_size)
         eval_tasks = data.eval_tasks(
             mixture_or_task_name,
             sequence_length=sequence_length,
@@ -545,25 +681,10 @@ def train(
         )
     except (ValueError, TypeError) as error:
         raise ConfigError(_one_line(error)) from error
-    logging.info("%s; %s", partitioner, model)
+    trainer, partitioner, state_shardings = setup.trainer, setup.partitioner, setup.state_shardings
+    logging.info("%s; %s", partitioner, trainer.model.config)
 
-    # Compiled functions.
-    state_shardings = partitioner.shardings(trainer.logical_state())
-    abstract_state = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        jax.eval_shape(trainer.init_state, jax.random.key(0)),
-        state_shardings,
-    )
-    init_key, dropout_key = jax.random.split(jax.random.key(seed))
-    init_state = partitioner.partition(
-        lambda: trainer.init_state(init_key), in_shardings=(), out_shardings=state_shardings
-    )
-    train_step = partitioner.partition(
-        trainer.train_step,
-        in_shardings=(state_shardings, partitioner.data_sharding(), partitioner.replicated()),
-        out_shardings=(state_shardings, partitioner.replicated()),
-        donate_argnums=(0,),
-    )
+    # Compiled functions (besides the train step).
     eval_step = partitioner.partition(
         trainer.eval_step,
         in_shardings=(state_shardings.params, partitioner.data_sharding()),
@@ -589,10 +710,10 @@ def train(
         if eval_only:
             _check(start_step is not None, f"eval_only: no checkpoint in {model_dir} to evaluate.")
         if start_step is None:
-            state, start_step = init_state(), 0
+            state, start_step = setup.init_state(), 0
         else:
             logging.info("Restoring the checkpoint of step %d from %s.", start_step, model_dir)
-            state = checkpointer.restore(abstract_state, step=start_step)
+            state = checkpointer.restore(setup.abstract_state, step=start_step)
         if is_chief:
             with open(os.path.join(model_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
                 f.write(gin.config_str())
@@ -645,8 +766,8 @@ def train(
                 saved_step = start_step
                 while step < final_step:
                     local_batch = next(batches)
-                    state, metrics = train_step(
-                        state, partitioner.global_batch(local_batch), dropout_key
+                    state, metrics = setup.train_step(
+                        state, partitioner.global_batch(local_batch), setup.dropout_key
                     )
                     step += 1
                     tokens = (

@@ -153,7 +153,12 @@ _NLI_LABELS = ("entailment", "neutral", "contradiction")
 _MNLI_FEATURES = ("hypothesis", "premise")
 _BINARY_F1_METRICS = (metrics.f1_score_with_invalid, metrics.accuracy)
 
-# Split sizes: the TFDS catalog for glue 2.0.0 (test splits, unlabelled, are left out).
+# Split sizes (examples per TFDS split; the unlabelled test splits are left out): the
+# TFDS catalog page of glue 2.0.0, https://www.tensorflow.org/datasets/catalog/glue
+# (tensorflow/datasets docs/catalog/glue.md), builder tfds.text.Glue, VERSION 2.0.0 as
+# in tensorflow-datasets 4.9.10. All checked against it, config by config, including
+# mnli's validation_matched / validation_mismatched and the validation splits of the
+# mnli_matched / mnli_mismatched configs.
 GLUE_TASKS = (
     _glue(
         "cola",

@@ -183,7 +183,14 @@ def _super_glue(
 
 _WSC_TFDS_NAME = f"super_glue/wsc.fixed:{TFDS_VERSION}"
 
-# Split sizes: the TFDS catalog for super_glue 1.0.2 (test splits, unlabelled, are left out).
+# Split sizes (examples per TFDS split; the unlabelled test splits are left out): the
+# TFDS catalog page of super_glue 1.0.2, https://www.tensorflow.org/datasets/catalog/super_glue
+# (tensorflow/datasets docs/catalog/super_glue.md), builder tfds.text.SuperGlue, VERSION
+# 1.0.2 as in tensorflow-datasets 4.9.10; all checked against it (WSC: the wsc.fixed
+# config). `train_examples` -- ReCoRD 138,854 (one example per answer) and WSC 259 (the
+# training examples whose candidate is the referent) -- are counts after preprocessing,
+# which no TFDS page gives: they are T5's (t5/data/glue_utils.py,
+# SUPER_GLUE_WEIGHT_MAPPING) and were not recounted here.
 SUPER_GLUE_TASKS = (
     _super_glue("boolq", {"train": 9427, "validation": 3270}, ("passage", "question")),
     _super_glue(
