@@ -9,6 +9,12 @@ under one random perturbation r per step.
 Every rule returns weights normalised to sum to 1. Since ε = ρ g / ‖g‖ is
 invariant to the scale of g, this leaves the papers' ε unchanged (their Eq. 6
 sums g_i l_i unnormalised) and makes uniform weights exactly SAM's 1/|M|.
+
+A batch may have rows that hold no example (the empty segment slots of a
+packed batch). The rules and `statistics` take an optional boolean `present`
+mask: absent rows get weight 0 and the rules are those of the batch of present
+examples alone (N, means, normalisation and the weights' spread count only
+them). `present=None` means every row is an example.
 """
 
 from collections.abc import Callable
@@ -29,27 +35,52 @@ class InstanceReweighting(NamedTuple):
 
     Attributes:
       name: the rule's name, for logs.
-      weights: `weights(losses_at, params, clean_losses, key, rho) -> [a]`, the
-        instance weights (summing to 1) given the per-example losses l_i(w) of
-        the ascent pass, a function evaluating the losses at other weights, and
-        a PRNG key for the random perturbation.
+      weights: `weights(losses_at, params, clean_losses, key, rho, present=None)
+        -> [a]`, the instance weights (summing to 1) given the per-example
+        losses l_i(w) of the ascent pass, a function evaluating the losses at
+        other weights, a PRNG key for the random perturbation and an optional
+        boolean mask [a] of the rows that are examples (absent rows get 0).
     """
 
     name: str
     weights: Callable[..., jax.Array]
 
 
-def normalize(scores: jax.Array) -> jax.Array:
-    """scores / Σ scores; uniform when the scores are all zero (or not finite)."""
+def _masked(values: jax.Array, present: jax.Array | None) -> jax.Array:
+    """`values` with absent rows set to 0."""
+    return values if present is None else jnp.where(present, values, 0)
+
+
+def _count(values: jax.Array, present: jax.Array | None):
+    """The number of examples N: the rows, or the present ones (float32, at least 1)."""
+    if present is None:
+        return values.shape[0]
+    return jnp.maximum(jnp.sum(present, dtype=jnp.float32), 1.0)
+
+
+def normalize(scores: jax.Array, present: jax.Array | None = None) -> jax.Array:
+    """scores / Σ scores; uniform when the scores are all zero (or not finite).
+
+    Args:
+      scores: non-negative scores [a].
+      present: optional boolean [a], the rows that are examples; absent rows
+        get 0 and the sum and the uniform fallback are over present rows.
+    """
+    if present is None:
+        fallback = jnp.full_like(scores, 1.0 / scores.shape[0])
+    else:
+        scores = _masked(scores, present)
+        fallback = uniform(scores.shape[0], present).astype(scores.dtype)
     total = jnp.sum(scores)
     valid = jnp.isfinite(total) & (total > 0)
-    uniform = jnp.full_like(scores, 1.0 / scores.shape[0])
-    return jnp.where(valid, scores / jnp.where(valid, total, 1.0), uniform)
+    return jnp.where(valid, scores / jnp.where(valid, total, 1.0), fallback)
 
 
-def uniform(num_examples: int) -> jax.Array:
-    """SAM's weights, 1/|M| each."""
-    return jnp.full((num_examples,), 1.0 / num_examples, jnp.float32)
+def uniform(num_examples: int, present: jax.Array | None = None) -> jax.Array:
+    """SAM's weights, 1/|M| each (1/N over the present rows, 0 elsewhere, with `present`)."""
+    if present is None:
+        return jnp.full((num_examples,), 1.0 / num_examples, jnp.float32)
+    return jnp.where(present, 1.0 / _count(present, present), 0.0).astype(jnp.float32)
 
 
 class WeightStatistics(NamedTuple):
@@ -66,11 +97,25 @@ class WeightStatistics(NamedTuple):
     entropy: jax.Array
 
 
-def statistics(weights: jax.Array) -> WeightStatistics:
-    """Min, max and entropy of instance weights."""
-    p = normalize(jnp.abs(weights))
+def statistics(weights: jax.Array, present: jax.Array | None = None) -> WeightStatistics:
+    """Min, max and entropy of instance weights.
+
+    Args:
+      weights: instance weights [a].
+      present: optional boolean [a], the rows that are examples; the statistics
+        are then those of the present rows' weights (zeros if none is present).
+    """
+    p = normalize(jnp.abs(weights), present)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-    return WeightStatistics(jnp.min(weights), jnp.max(weights), entropy)
+    if present is None:
+        return WeightStatistics(jnp.min(weights), jnp.max(weights), entropy)
+    any_present = jnp.any(present)
+    smallest = jnp.min(jnp.where(present, weights, jnp.inf))
+    largest = jnp.max(jnp.where(present, weights, -jnp.inf))
+    zero = jnp.zeros((), weights.dtype)
+    return WeightStatistics(
+        jnp.where(any_present, smallest, zero), jnp.where(any_present, largest, zero), entropy
+    )
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -95,6 +140,8 @@ def delta_sam(eta: float = 1e-4) -> InstanceReweighting:
       tx = sam_jax.sam(optax.adamw(1e-4), rho=0.02, ascent_fraction=0.25,
                        reweight=sam_jax.delta_sam(eta=1e-4))
 
+    Absent rows (a `present` mask, e.g. empty packing slots) get weight 0.
+
     Args:
       eta: η > 0, the floor of the denominator (paper grid 1e-4 … 1e-3).
 
@@ -103,14 +150,14 @@ def delta_sam(eta: float = 1e-4) -> InstanceReweighting:
     """
     _check_positive("eta", eta)
 
-    def weights(losses_at: LossesAt, params, clean_losses, key, rho):
+    def weights(losses_at: LossesAt, params, clean_losses, key, rho, present=None):
         r = perturbation.random_perturbation(key, params, rho)
         clean = clean_losses.astype(jnp.float32)
         plus = losses_at(perturbation.perturbed(params, r, +1.0)).astype(jnp.float32)
         minus = losses_at(perturbation.perturbed(params, r, -1.0)).astype(jnp.float32)
         curvature = jnp.abs(plus + minus - 2.0 * clean)
         slope = jnp.maximum(jnp.abs(plus - minus), eta)
-        return normalize(curvature / slope)
+        return normalize(curvature / slope, present)
 
     return InstanceReweighting("delta_sam", weights)
 
@@ -127,7 +174,8 @@ def delta_sam_draft(beta: float = 3.0) -> InstanceReweighting:
 
     The g' sum to 1 and may be negative when scale > 1. Degenerate batches
     (all a_j = 0, or Σ g_j a_j = 0) fall back to uniform weights. Costs one
-    extra forward pass on the ascent micro-batch.
+    extra forward pass on the ascent micro-batch. With a `present` mask, N and
+    the sums and mean are over the present examples, and absent rows get 0.
 
     Example::
 
@@ -142,16 +190,17 @@ def delta_sam_draft(beta: float = 3.0) -> InstanceReweighting:
     """
     _check_positive("beta", beta)
 
-    def weights(losses_at: LossesAt, params, clean_losses, key, rho):
+    def weights(losses_at: LossesAt, params, clean_losses, key, rho, present=None):
         r = perturbation.random_perturbation(key, params, rho)
         change = losses_at(perturbation.perturbed(params, r)).astype(jnp.float32)
-        change = change - clean_losses.astype(jnp.float32)
-        num_examples = change.shape[0]
-        g = normalize(jnp.abs(change))
+        change = _masked(change - clean_losses.astype(jnp.float32), present)
+        num_examples = _count(change, present)
+        mean_change = jnp.mean(change) if present is None else jnp.sum(change) / num_examples
+        g = normalize(jnp.abs(change), present)
         weighted_change = jnp.abs(jnp.sum(g * change))
         valid = weighted_change > 0
-        scale = beta * jnp.abs(jnp.mean(change)) / jnp.where(valid, weighted_change, 1.0)
-        mixed = (g - 1.0 / num_examples) * scale + 1.0 / num_examples
-        return jnp.where(valid, mixed, uniform(num_examples))
+        scale = beta * jnp.abs(mean_change) / jnp.where(valid, weighted_change, 1.0)
+        mixed = _masked((g - 1.0 / num_examples) * scale + 1.0 / num_examples, present)
+        return jnp.where(valid, mixed, uniform(change.shape[0], present))
 
     return InstanceReweighting("delta_sam_draft", weights)

@@ -154,6 +154,80 @@ def init_state(optimizer, params, mask=None) -> SamState:
     )
 
 
+def reweighted_ascent_gradient(
+    piece_losses,
+    params,
+    ascent_batch,
+    *,
+    reweight: reweighting.InstanceReweighting,
+    noise_key: jax.Array,
+    rho: jax.Array,
+    count: int = 1,
+    num_data_shards: int = 1,
+    present_of=None,
+):
+    """g = ∇ Σ_i p_i l_i(w) on an ascent micro-batch M, with the `reweight` rule's weights p.
+
+    The rule needs all of M's losses l_i(w) before the backward pass. With one
+    microbatch they come from the gradient's own forward pass (a vjp); with
+    `count` > 1 they cost one more forward pass, and the gradient is then
+    accumulated microbatch by microbatch. The rule's extra forward passes go
+    through the same `piece_losses`, so they see the same dropout keys.
+
+    Args:
+      piece_losses: `piece_losses(params, piece, index) -> [n]`, the per-example
+        losses of microbatch `index` of M (all of M, index 0, when `count` is
+        1), with that microbatch's dropout key.
+      params: the parameters w.
+      ascent_batch: M, a pytree of arrays [a, ...].
+      reweight: `delta_sam(...)` or `delta_sam_draft(...)`.
+      noise_key: the key of the rule's random direction (`reweight_key` of the
+        step's key).
+      rho: this step's ρ.
+      count: microbatches of M (see `batching.microbatches`).
+      num_data_shards: shards of M's example axis.
+      present_of: optional `present_of(piece) -> bool [n]`, which of a piece's
+        losses are examples (packed batches have empty slots); absent ones get
+        weight 0 and do not count in the rule (see `sam_jax.reweighting`).
+
+    Returns:
+      `(grads, clean_losses, weights, present)`; the last three over all of M
+      in microbatch order (`present` is None without `present_of`).
+    """
+    if count == 1:
+
+        def losses_at(p):
+            return piece_losses(p, ascent_batch, 0)
+
+        clean_losses, pullback = jax.vjp(losses_at, params)
+        present = None if present_of is None else present_of(ascent_batch)
+    else:
+        pieces = batching.microbatches(ascent_batch, count, num_data_shards)
+        indices = jnp.arange(count)
+
+        def losses_at(p):  # all of M, in microbatch order
+            losses = jax.lax.map(lambda ip: piece_losses(p, ip[1], ip[0]), (indices, pieces))
+            return losses.reshape(-1)
+
+        clean_losses = losses_at(params)
+        present = None if present_of is None else jax.vmap(present_of)(pieces).reshape(-1)
+    mask = {} if present is None else {"present": present}  # rules without the argument work
+    weights = jax.lax.stop_gradient(
+        reweight.weights(losses_at, params, clean_losses, noise_key, rho, **mask)
+    )
+    if count == 1:
+        (grads,) = pullback(weights.astype(clean_losses.dtype))
+    else:
+        per_piece = weights.reshape(count, -1)
+
+        def piece_gradient(piece, index):
+            losses, piece_pullback = jax.vjp(lambda p: piece_losses(p, piece, index), params)
+            return piece_pullback(per_piece[index].astype(losses.dtype))[0]
+
+        grads = batching.sum_over_microbatches(piece_gradient, ascent_batch, count, num_data_shards)
+    return grads, clean_losses, weights, present
+
+
 def check_update_arguments(name: str, updates, params, loss_fn, batch) -> None:
     """Rejects gradients passed in, and a missing `params`, `loss_fn` or `batch`."""
     if updates is not None:
@@ -271,36 +345,16 @@ def sam(
             )
             return grads, loss_sum / size, weights
 
-        if count == 1:
-            clean_losses, pullback = jax.vjp(lambda p: piece_losses(p, ascent_batch, 0), params)
-        else:
-            pieces = batching.microbatches(ascent_batch, count, shards)
-            indices = jnp.arange(count)
-
-            def losses_at(p):  # all of M, in microbatch order
-                losses = jax.lax.map(lambda ip: piece_losses(p, ip[1], ip[0]), (indices, pieces))
-                return losses.reshape(-1)
-
-            clean_losses = losses_at(params)
-        weights = jax.lax.stop_gradient(
-            reweight.weights(
-                (lambda p: piece_losses(p, ascent_batch, 0)) if count == 1 else losses_at,
-                params,
-                clean_losses,
-                noise_key,
-                step_rho,
-            )
+        grads, clean_losses, weights, _ = reweighted_ascent_gradient(
+            piece_losses,
+            params,
+            ascent_batch,
+            reweight=reweight,
+            noise_key=noise_key,
+            rho=step_rho,
+            count=count,
+            num_data_shards=shards,
         )
-        if count == 1:
-            (grads,) = pullback(weights.astype(clean_losses.dtype))
-        else:
-            per_piece = weights.reshape(count, -1)
-            grads, _ = batching.sum_over_microbatches(
-                lambda piece, index: piece_gradient(piece, index, per_piece[index]),
-                ascent_batch,
-                count,
-                shards,
-            )
         return grads, jnp.mean(clean_losses.astype(jnp.float32)), weights
 
     def group_gradient(

@@ -8,6 +8,7 @@ import pytest
 import sam_jax
 from sam_jax import perturbation
 from sam_jax import reweighting
+from sam_jax import transform
 
 
 def _losses_at_quadratic(curvatures, slopes):
@@ -92,6 +93,140 @@ def test_statistics_of_uniform_and_peaked_weights():
     peaked = reweighting.statistics(jnp.array([1.0, 0.0, 0.0]))
     np.testing.assert_allclose(peaked.entropy, 0.0, atol=1e-7)
     assert float(peaked.max) == 1.0 and float(peaked.min) == 0.0
+
+
+# Rows 1, 4 and 5 are absent (e.g. empty packing slots); their losses are
+# deliberately not zero, so only the mask can keep them out.
+PRESENT = np.array([True, False, True, True, False, False, True])
+
+
+def _masked_and_removed(rule, present):
+    """The rule's weights on a batch with absent rows, and on its present rows alone."""
+    params = {"w": jnp.array([0.3, -0.2, 0.1])}
+    curvatures = jnp.array([1.0, 9.0, 4.0, 0.5, 3.0, 7.0, 2.0])
+    slopes = jnp.array([0.5, 5.0, -1.0, 0.3, -2.0, 1.5, 2.0])
+    key, rho = jax.random.key(7), 0.05
+    full = _losses_at_quadratic(curvatures, slopes)
+    kept = _losses_at_quadratic(curvatures[present], slopes[present])
+    masked = rule.weights(full, params, full(params), key, rho, present=jnp.asarray(present))
+    removed = rule.weights(kept, params, kept(params), key, rho)
+    return np.asarray(masked), np.asarray(removed)
+
+
+@pytest.mark.parametrize("rule", [sam_jax.delta_sam(), sam_jax.delta_sam_draft(beta=3)])
+def test_absent_rows_are_as_if_removed(rule):
+    masked, removed = _masked_and_removed(rule, PRESENT)
+
+    assert not np.allclose(removed, 1 / PRESENT.sum()), "the weights should not be uniform"
+    np.testing.assert_array_equal(masked[~PRESENT], 0.0)
+    np.testing.assert_allclose(masked[PRESENT], removed, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(masked.sum(), 1.0, rtol=1e-6)
+    masked_spread = reweighting.statistics(jnp.asarray(masked), jnp.asarray(PRESENT))
+    removed_spread = reweighting.statistics(jnp.asarray(removed))
+    for name in reweighting.WeightStatistics._fields:
+        np.testing.assert_allclose(
+            getattr(masked_spread, name), getattr(removed_spread, name), rtol=1e-6, err_msg=name
+        )
+
+
+@pytest.mark.parametrize("rule", [sam_jax.delta_sam(), sam_jax.delta_sam_draft()])
+def test_flat_losses_with_absent_rows_fall_back_to_uniform_over_present_rows(rule):
+    params = {"w": jnp.array([0.3, -0.2])}
+
+    def losses_at(p):
+        del p
+        return jnp.ones((7,))
+
+    present = jnp.asarray(PRESENT)
+    weights = rule.weights(losses_at, params, losses_at(params), jax.random.key(0), 0.05, present)
+    np.testing.assert_allclose(weights, np.where(PRESENT, 0.25, 0.0), rtol=1e-7)
+
+
+def test_all_present_mask_is_no_mask():
+    present = np.ones(7, np.bool_)
+    for rule in (sam_jax.delta_sam(), sam_jax.delta_sam_draft(beta=3)):
+        masked, removed = _masked_and_removed(rule, present)
+        np.testing.assert_allclose(masked, removed, rtol=1e-6, atol=1e-7)
+    weights = jnp.array([0.5, 0.25, 0.25, 0.0])
+    for a, b in zip(
+        reweighting.statistics(weights, jnp.ones(4, jnp.bool_)), reweighting.statistics(weights)
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-7)
+
+
+def test_statistics_ignore_absent_rows_and_uniform_spreads_over_present_rows():
+    present = jnp.array([True, False, True, False])
+    uniform = reweighting.uniform(4, present)
+    np.testing.assert_array_equal(uniform, [0.5, 0.0, 0.5, 0.0])
+    spread = reweighting.statistics(uniform, present)
+    np.testing.assert_allclose([spread.min, spread.max], [0.5, 0.5])
+    np.testing.assert_allclose(spread.entropy, np.log(2), rtol=1e-6)
+    nobody = reweighting.statistics(jnp.zeros(3), jnp.zeros(3, jnp.bool_))
+    np.testing.assert_array_equal([nobody.min, nobody.max, nobody.entropy], [0.0, 0.0, 0.0])
+
+
+def _toy_batch():
+    """8 rows, 3 of them empty (like packing slots): their loss is 0 at any w."""
+    rng = np.random.RandomState(0)
+    return {
+        "target": jnp.asarray(rng.randn(8, 3), jnp.float32),
+        "curvature": jnp.asarray(rng.rand(8) + 0.5, jnp.float32),
+        "present": jnp.array([True, False, True, True, False, True, True, False]),
+    }
+
+
+def _toy_piece_losses(params, piece, index):
+    del index
+    distance = jnp.sum((params["w"] - piece["target"]) ** 2, axis=-1)
+    return jnp.where(piece["present"], 0.5 * piece["curvature"] * distance, 0.0)
+
+
+@pytest.mark.parametrize("count, shards", [(1, 1), (2, 2), (4, 1)])
+def test_reweighted_ascent_gradient_with_absent_rows_equals_the_present_rows_alone(count, shards):
+    batch = _toy_batch()
+    params = {"w": jnp.array([0.3, -0.2, 0.1])}
+    rule, key, rho = sam_jax.delta_sam_draft(beta=3), jax.random.key(4), 0.5
+    grads, _, weights, present = transform.reweighted_ascent_gradient(
+        _toy_piece_losses,
+        params,
+        batch,
+        reweight=rule,
+        noise_key=key,
+        rho=rho,
+        count=count,
+        num_data_shards=shards,
+        present_of=lambda piece: piece["present"],
+    )
+    kept = {k: v[np.asarray(batch["present"])] for k, v in batch.items()}
+    expected_grads, _, expected_weights, _ = transform.reweighted_ascent_gradient(
+        _toy_piece_losses, params, kept, reweight=rule, noise_key=key, rho=rho
+    )
+
+    # Microbatch order: piece j holds the j-th count-th of every shard's rows.
+    order = np.arange(8).reshape(shards, count, -1).swapaxes(0, 1).reshape(-1)
+    np.testing.assert_array_equal(present, np.asarray(batch["present"])[order])
+    unpermuted = np.empty(8, np.float32)
+    unpermuted[order] = weights
+    np.testing.assert_allclose(
+        unpermuted[np.asarray(batch["present"])], expected_weights, rtol=1e-5
+    )
+    np.testing.assert_array_equal(unpermuted[~np.asarray(batch["present"])], 0.0)
+    np.testing.assert_allclose(grads["w"], expected_grads["w"], rtol=1e-5, atol=1e-7)
+
+
+def test_a_rule_without_the_present_argument_still_works_unmasked():
+    def weights(losses_at, params, clean_losses, key, rho):
+        del losses_at, params, key, rho
+        return reweighting.normalize(clean_losses)
+
+    rule = reweighting.InstanceReweighting("custom", weights)
+    params = {"w": jnp.array([0.3, -0.2, 0.1])}
+    batch = {k: v for k, v in _toy_batch().items()}
+    grads, clean, out, present = transform.reweighted_ascent_gradient(
+        _toy_piece_losses, params, batch, reweight=rule, noise_key=jax.random.key(0), rho=0.1
+    )
+    assert present is None
+    np.testing.assert_allclose(out, clean / clean.sum(), rtol=1e-6)
 
 
 @pytest.mark.parametrize("eta", [0.0, -1e-4, "1e-4"])

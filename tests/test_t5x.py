@@ -4,12 +4,16 @@ Run with the T5X environment: `/work/venv-t5x/bin/python -m pytest -q
 tests/test_t5x.py`; without T5X the whole file is skipped.
 
 A tiny T5.1.1 encoder–decoder (T5X's `examples.t5.network`, one layer each,
-dropout 0.1) trains on packed batches of the offline `demo_cbqa` task, on a
-mesh of 4 data shards × 2 model shards of the 8 simulated CPU devices.
+dropout 0.1, the task's vocabulary) trains on packed batches of the offline
+`demo_cbqa` task, on a mesh of 4 data shards × 2 model shards of the 8
+simulated CPU devices. The last tests run T5X's own training loop
+(`t5x.train.train` through T5X's gin files and ours) with Orbax checkpoints.
 """
 
+import dataclasses
 import importlib
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,6 +34,7 @@ from t5x import optimizers  # noqa: E402
 from t5x import partitioning  # noqa: E402
 from t5x import train as t5x_train  # noqa: E402
 from t5x import train_state as train_state_lib  # noqa: E402
+from t5x import utils as t5x_utils  # noqa: E402
 from t5x.examples.t5 import network  # noqa: E402
 
 import __main__  # noqa: E402  (T5X's gin files bind `__main__.train`)
@@ -38,14 +43,22 @@ import sam_jax.t5x  # noqa: E402
 import tasks  # noqa: E402, F401  (registers demo_cbqa)
 from sam_jax.t5x import per_example  # noqa: E402
 
+# T5X's partitioner enters its mesh with `with mesh:`, which JAX deprecates; that
+# warning is T5X's, not ours (a mark overrides `-W error::DeprecationWarning`).
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:`with mesh.` context manager has been deprecated:DeprecationWarning"
+)
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FEATURE_LENGTHS = {"inputs": 128, "targets": 32}  # packs up to 3 examples per row
+TASK = "demo_cbqa"
+FEATURE_LENGTHS = {"inputs": 64, "targets": 16}  # packs several examples per row
 BATCH_SIZE = 32
 DATA_SHARDS = 4
 LEARNING_RATE = 1e-2
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+VOCABULARY = seqio.get_mixture_or_task(TASK).output_features["targets"].vocabulary
 TINY_CONFIG = network.T5Config(
-    vocab_size=320,  # ≥ the 259 ids of seqio.ByteVocabulary
+    vocab_size=-(-VOCABULARY.vocab_size // 64) * 64,  # ≥ the task's ids
     dtype="float32",
     emb_dim=8,
     num_heads=2,
@@ -57,6 +70,19 @@ TINY_CONFIG = network.T5Config(
     dropout_rate=0.1,
     logits_via_embedding=False,
 )
+
+
+def vocabulary_gin():
+    """Gin bindings of T5X's `VOCABULARY` macro to the task's vocabulary."""
+    if isinstance(VOCABULARY, seqio.SentencePieceVocabulary):
+        return (
+            "VOCABULARY = @seqio.SentencePieceVocabulary()\n"
+            f"seqio.SentencePieceVocabulary.sentencepiece_model_file = "
+            f"'{VOCABULARY.sentencepiece_model_file}'\n"
+            f"seqio.SentencePieceVocabulary.extra_ids = {VOCABULARY.extra_ids}"
+        )
+    assert isinstance(VOCABULARY, seqio.ByteVocabulary), VOCABULARY
+    return "VOCABULARY = @seqio.ByteVocabulary()"
 
 
 class DataMeshPartitioner(partitioning.PjitPartitioner):
@@ -88,12 +114,15 @@ def adamw_optimizer():
     return optimizers.adamw(LEARNING_RATE)
 
 
-def make_model(optimizer_def, loss_normalizing_factor=None):
-    vocabulary = seqio.ByteVocabulary()
+def make_model(optimizer_def, loss_normalizing_factor=None, dropout_rate=None):
+    """The tiny model; `dropout_rate=0.0` for runs compared across batch layouts."""
+    config = TINY_CONFIG
+    if dropout_rate is not None:
+        config = dataclasses.replace(config, dropout_rate=dropout_rate)
     return models.EncoderDecoderModel(
-        module=network.Transformer(TINY_CONFIG),
-        input_vocabulary=vocabulary,
-        output_vocabulary=vocabulary,
+        module=network.Transformer(config),
+        input_vocabulary=VOCABULARY,
+        output_vocabulary=VOCABULARY,
         optimizer_def=optimizer_def,
         loss_normalizing_factor=loss_normalizing_factor,
     )
@@ -101,7 +130,7 @@ def make_model(optimizer_def, loss_normalizing_factor=None):
 
 def cbqa_dataset(pack, num_examples=None):
     converter = seqio.EncDecFeatureConverter(pack=pack)
-    task = seqio.get_mixture_or_task("demo_cbqa")
+    task = seqio.get_mixture_or_task(TASK)
     examples = task.get_dataset(FEATURE_LENGTHS, split="train", shuffle=False, use_cached=False)
     if num_examples is not None:
         examples = examples.take(num_examples)
@@ -110,9 +139,10 @@ def cbqa_dataset(pack, num_examples=None):
 
 @pytest.fixture(scope="module")
 def batches():
-    """Three packed batches of demo_cbqa."""
-    dataset = cbqa_dataset(pack=True).batch(BATCH_SIZE, drop_remainder=True).take(3)
+    """Three packed batches of demo_cbqa (repeating it if it packs into fewer rows)."""
+    dataset = cbqa_dataset(pack=True).repeat().batch(BATCH_SIZE, drop_remainder=True).take(3)
     result = [{k: np.asarray(v) for k, v in b.items()} for b in dataset.as_numpy_iterator()]
+    assert len(result) == 3
     assert result[0]["decoder_segment_ids"].max() >= 2, "the batches should be packed"
     return result
 
@@ -164,6 +194,11 @@ def train(trainer, batches):
     trainer.compile_train(batches[0])
     summary = trainer.train(iter(batches), len(batches)).result()
     return {name: float(np.asarray(value.value)) for name, value in summary.items()}
+
+
+def compile_fast(fn, *args):
+    """`jax.jit(fn)` compiled for `args` without XLA's expensive optimisations."""
+    return jax.jit(fn).lower(*args).compile(compiler_options=FAST_COMPILE)
 
 
 def host(tree):
@@ -419,20 +454,76 @@ def test_variant_trains(variant, initialize, partitioner, batches):
         assert metrics["sam/perturbation_norm"] == pytest.approx(options["rho"], rel=1e-4)
 
 
-def test_delta_sam_draft_rejects_packed_batches(initialize, partitioner, batches):
-    model, state, axes = initialize(adafactor_optimizer())
-    trainer = make_trainer(
+def pad_rows(batch, multiple):
+    """Appends all-zero rows (no example) up to a multiple of `multiple` rows."""
+    rows = len(next(iter(batch.values())))
+    missing = -rows % multiple
+    return {
+        k: np.concatenate([v, np.zeros((missing,) + v.shape[1:], v.dtype)])
+        for k, v in batch.items()
+    }
+
+
+def assert_trees_close(actual, expected, rtol, atol_fraction):
+    """Leaf by leaf, with atol = atol_fraction × the leaf's largest |expected|."""
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(a, b, rtol=rtol, atol=atol_fraction * np.abs(b).max())
+
+
+def first_step(trainer_options, optimizer_def, initialize, partitioner, batch):
+    """One SamTrainer step with dropout off.
+
+    Returns:
+      (metrics, params after the step − initial params, the new state's state dict).
+    """
+    _, state, axes = initialize(optimizer_def)
+    model = make_model(optimizer_def, dropout_rate=0.0)
+    initial = host(state.params)
+    with make_trainer(
         sam_jax.t5x.SamTrainer,
         model,
         state,
         axes,
         partitioner,
         learning_rate_fn=lambda step: LEARNING_RATE,
-        num_microbatches=None,
-        reweight=sam_jax.delta_sam_draft(beta=3),
+        **trainer_options,
+    ) as trainer:
+        metrics = train(trainer, [batch])
+        trained = host(trainer.train_state.params)
+        state_dict = host(trainer.train_state.state_dict())
+    return metrics, jax.tree.map(np.subtract, trained, initial), state_dict
+
+
+def test_delta_sam_draft_on_packed_batches_equals_the_unpacked_examples(initialize, partitioner):
+    """The empty segment slots of a packed batch are not examples for the draft rule's 1/N."""
+    num_examples = 12
+    packed = next(cbqa_dataset(pack=True, num_examples=num_examples).batch(64).as_numpy_iterator())
+    unpacked = next(
+        cbqa_dataset(pack=False, num_examples=num_examples).batch(64).as_numpy_iterator()
     )
-    with trainer, pytest.raises(ValueError, match="packed"):
-        train(trainer, batches[:1])
+    packed = pad_rows(packed, DATA_SHARDS)
+    assert packed["decoder_segment_ids"].max() >= 2 and len(packed["decoder_loss_weights"]) < 12
+    options = dict(rho=0.5, reweight=sam_jax.delta_sam_draft(beta=3), num_microbatches=None)
+
+    packed_metrics, packed_step, _ = first_step(
+        options, optimizers.sgd(1.0), initialize, partitioner, packed
+    )
+    unpacked_metrics, unpacked_step, _ = first_step(
+        options, optimizers.sgd(1.0), initialize, partitioner, unpacked
+    )
+
+    # SGD with learning rate 1: the steps are the (negated) SAM gradients. Without
+    # the mask of present examples they differ by tens of percent (38% measured);
+    # what remains (~5e-5 of a leaf's largest entry) is float32 rounding in the
+    # rule's a_j = l_j(w + r) − l_j(w), a small difference of two large losses,
+    # computed on differently laid out batches.
+    assert_trees_close(packed_step, unpacked_step, rtol=0, atol_fraction=1e-3)
+    assert unpacked_metrics["sam/weight_max"] > 2 * unpacked_metrics["sam/weight_min"]
+    for name in SAM_METRICS + ("loss",):
+        if name.startswith("sam/weight_"):  # the weights sum to 1
+            assert packed_metrics[name] == pytest.approx(unpacked_metrics[name], abs=1e-4), name
+        else:
+            assert packed_metrics[name] == pytest.approx(unpacked_metrics[name], rel=1e-4), name
 
 
 def test_delta_sam_rejects_a_loss_normalizer_that_depends_on_the_weights(initialize, partitioner):
@@ -456,7 +547,132 @@ def test_delta_sam_rejects_a_loss_normalizer_that_depends_on_the_weights(initial
 # --------------------------------------------------------------------------- #
 
 
-def test_fisher_mask_trains_and_round_trips_through_the_checkpointer(
+def group_rows(num_groups, fraction):
+    """Rows of each m-sharpness group and of its ascent micro-batch, by hand.
+
+    Group k takes the k-th 1/m of every data shard's rows; its ascent
+    micro-batch the first `fraction` of the group's rows in every shard.
+    """
+    per_shard = BATCH_SIZE // DATA_SHARDS
+    per_group = per_shard // num_groups
+    take = max(1, round(fraction * per_group))
+    starts = [d * per_shard + k * per_group for k in range(num_groups) for d in range(DATA_SHARDS)]
+    groups = np.asarray(starts).reshape(num_groups, DATA_SHARDS, 1) + np.arange(per_group)
+    return groups.reshape(num_groups, -1), groups[:, :, :take].reshape(num_groups, -1)
+
+
+@pytest.mark.parametrize(
+    "sharpness_m, num_microbatches, ascent_fraction", [(1, 2, 1.0), (2, None, 0.5)]
+)
+def test_fisher_mask_with_microbatches_and_m_sharpness_is_hand_computed_fsam(
+    initialize, partitioner, batches, sharpness_m, num_microbatches, ascent_fraction
+):
+    sparsity, rho, num_samples = 0.75, 0.5, 4
+    mask = sam_jax.fisher_mask(sparsity=sparsity, interval=100, num_samples=num_samples)
+    optimizer_def = sam_jax.t5x.FisherMaskOptimizer(optimizers.sgd(1.0), mask)
+    batch = batches[0]
+    metrics, step, trained = first_step(
+        dict(
+            rho=rho,
+            ascent_fraction=ascent_fraction,
+            sharpness_m=sharpness_m,
+            num_microbatches=num_microbatches,
+        ),
+        optimizer_def,
+        initialize,
+        partitioner,
+        batch,
+    )
+    _, state, _ = initialize(optimizer_def)
+    model = make_model(optimizer_def, dropout_rate=0.0)
+    params = host(state.params)
+
+    def loss(params, rows):
+        rows = np.asarray(rows)
+        return model.loss_fn(params, {k: v[rows] for k, v in batch.items()}, None)[0]
+
+    # The mask, by hand: the top 25% of the mean squared per-row gradient on the
+    # first `num_samples` rows, over all parameters at once.
+    def fisher(params):
+        squares = [
+            jax.tree.map(jnp.square, jax.grad(loss)(params, [i])) for i in range(num_samples)
+        ]
+        return jax.tree.map(lambda *s: sum(s) / num_samples, *squares)
+
+    total = sum(w.size for w in jax.tree.leaves(params))
+    keep = round((1 - sparsity) * total)
+    expected_mask = host(sam_jax.fisher.top_k_mask(compile_fast(fisher, params)(params), keep))
+    trained_mask = trained["state"]["fisher_mask"]["mask"]
+    mismatched = sum(
+        int(np.sum(a != b))
+        for a, b in zip(jax.tree.leaves(trained_mask), jax.tree.leaves(expected_mask))
+    )
+    assert mismatched <= 1e-3 * total, f"{mismatched} of {total} mask entries differ"
+    assert trained["state"]["fisher_step"] == 1
+
+    groups, ascents = group_rows(sharpness_m, ascent_fraction)
+
+    def perturbed(params, grads, mask):
+        norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+        return jax.tree.map(lambda w, g, m: w + rho * g * m / norm, params, grads, mask)
+
+    def reference_gradient(params, mask):
+        grads = jax.tree.map(jnp.zeros_like, params)
+        for group, ascent in zip(groups, ascents):
+            adversarial = perturbed(params, jax.grad(loss)(params, ascent), mask)
+            grads = jax.tree.map(jnp.add, grads, jax.grad(loss)(adversarial, group))
+        return grads
+
+    trained_mask = jax.tree.unflatten(jax.tree.structure(params), jax.tree.leaves(trained_mask))
+    reference = compile_fast(reference_gradient, params, trained_mask)
+    expected = host(reference(params, trained_mask))
+    unmasked = host(reference(params, jax.tree.map(np.ones_like, trained_mask)))
+
+    # SGD with learning rate 1: the step is minus the summed group gradients.
+    assert_trees_close(step, jax.tree.map(np.negative, expected), rtol=0, atol_fraction=1e-5)
+    with pytest.raises(AssertionError):  # the mask matters at this tolerance
+        assert_trees_close(expected, unmasked, rtol=0, atol_fraction=1e-5)
+    assert metrics["sam/mask_density"] == pytest.approx(keep / total)
+    assert sum(int(m.sum()) for m in jax.tree.leaves(trained_mask)) == keep
+    assert metrics["sam/perturbation_norm"] < rho
+
+
+def restore_from_t5x_checkpoint(state, template, partitioner, directory, use_orbax, **kwargs):
+    """Saves `state` and restores it into `template`'s structure with T5X's checkpointing.
+
+    `use_orbax` uses the Orbax manager T5X's train.py builds by default (and
+    its float32 restore dtype), else T5X's legacy `Checkpointer`.
+    """
+    step = int(host(state.step))
+    os.makedirs(directory, exist_ok=True)
+    if use_orbax:
+
+        def manager(train_state):
+            return t5x_utils.create_orbax_checkpoint_manager(
+                save_cfg=t5x_utils.SaveCheckpointConfig(dtype="float32", period=1),
+                restore_cfg=t5x_utils.RestoreCheckpointConfig(path=directory, dtype="float32"),
+                train_state=train_state,
+                partitioner=partitioner,
+                model_dir=directory,
+            )
+
+        saver = manager(state)
+        saver.save(state)
+        saver.wait_until_finished()
+        assert os.path.isdir(os.path.join(directory, f"checkpoint_{step}", "state"))
+        return manager(template).restore(step=step, **kwargs)
+    checkpoints.Checkpointer(state, partitioner, directory).save(state)
+    return checkpoints.Checkpointer(template, partitioner, directory).restore(step=step, **kwargs)
+
+
+def assert_state_dicts_equal(actual, expected):
+    """Equal values; T5X's Orbax restore casts unsharded scalars (the steps) to float32."""
+    jax.tree.map(np.testing.assert_array_equal, actual, expected)
+    for a, b in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        assert a.dtype == b.dtype or (a.shape == () and a.dtype == np.float32), (a.dtype, b.dtype)
+
+
+def test_fisher_mask_trains_and_round_trips_through_t5x_checkpoints(
     initialize, partitioner, batches, tmp_path
 ):
     sparsity = 0.75
@@ -486,29 +702,216 @@ def test_fisher_mask_trains_and_round_trips_through_the_checkpointer(
     kept = sum(int(m.sum()) for m in jax.tree.leaves(saved["state"]["fisher_mask"]["mask"]))
     total = sum(m.size for m in jax.tree.leaves(saved["state"]["fisher_mask"]["mask"]))
     assert kept == round((1 - sparsity) * total)
+    assert kept < total
 
-    _, fresh_state, _ = initialize(optimizer_def)
-    checkpointer = checkpoints.Checkpointer(fresh_state, partitioner, str(tmp_path))
-    checkpointer.save(trained_state)
-    restored = host(checkpointer.restore(step=3).state_dict())
+    for use_orbax in (False, True):
+        _, fresh_state, _ = initialize(optimizer_def)
+        directory = str(tmp_path / ("orbax" if use_orbax else "legacy"))
+        restored = restore_from_t5x_checkpoint(
+            trained_state, fresh_state, partitioner, directory, use_orbax
+        )
+        assert_state_dicts_equal(host(restored.state_dict()), saved)
 
-    jax.tree.map(np.testing.assert_array_equal, restored["state"], saved["state"])
-    jax.tree.map(np.testing.assert_array_equal, restored["target"], saved["target"])
 
-
-def test_a_checkpoint_without_mask_restores_with_a_fresh_mask(initialize, partitioner, tmp_path):
+@pytest.mark.parametrize("use_orbax", [False, True], ids=["legacy", "orbax"])
+def test_a_checkpoint_without_mask_restores_with_a_fresh_mask(
+    initialize, partitioner, tmp_path, use_orbax
+):
     _, plain_state, _ = initialize(adamw_optimizer())
-    checkpoints.Checkpointer(plain_state, partitioner, str(tmp_path)).save(plain_state)
-
     mask = sam_jax.fisher_mask(sparsity=0.9, interval=100)
     _, fsam_state, _ = initialize(sam_jax.t5x.FisherMaskOptimizer(adamw_optimizer(), mask))
-    restored = checkpoints.Checkpointer(fsam_state, partitioner, str(tmp_path)).restore(
-        step=0, state_transformation_fns=[sam_jax.t5x.fill_missing_fisher_mask]
+    restored = restore_from_t5x_checkpoint(
+        plain_state,
+        fsam_state,
+        partitioner,
+        str(tmp_path),
+        use_orbax,
+        state_transformation_fns=[sam_jax.t5x.fill_missing_fisher_mask],
     )
     restored_dict = host(restored.state_dict())
 
     assert restored_dict["state"]["fisher_step"] == 0
     assert restored_dict["state"]["fisher_mask"]["density"] == 1.0
-    assert all(m.all() for m in jax.tree.leaves(restored_dict["state"]["fisher_mask"]["mask"]))
+    masks = jax.tree.leaves(restored_dict["state"]["fisher_mask"]["mask"])
+    assert all(m.dtype == np.bool_ and m.all() for m in masks)
     expected_params = host(plain_state.state_dict()["target"])
     jax.tree.map(np.testing.assert_array_equal, restored_dict["target"], expected_params)
+
+
+# --------------------------------------------------------------------------- #
+# T5X's own training loop: `t5x.train.train` configured by T5X's gin files plus
+# one of ours, fine-tuning from a T5X checkpoint, checkpoints with Orbax.
+# --------------------------------------------------------------------------- #
+
+T5X_RUN_GIN = """
+from __gin__ import dynamic_registration
+
+import __main__ as train_script
+import sam_jax
+import seqio
+from t5x import utils
+from t5x.examples.t5 import network
+
+include 't5x/examples/t5/t5_1_1/tiny.gin'
+include 't5x/configs/runs/finetune.gin'
+include 'gin/t5x/{sam_gin}'
+
+MODEL_DIR = '{model_dir}'
+INITIAL_CHECKPOINT_PATH = {initial_checkpoint!r}
+MIXTURE_OR_TASK_NAME = '{task}'
+TASK_FEATURE_LENGTHS = {feature_lengths}
+TRAIN_STEPS = 2
+BATCH_SIZE = 8
+USE_CACHED_TASKS = False
+RANDOM_SEED = 0
+{vocabulary}
+
+# TINY_CONFIG's shapes (the initial checkpoint's).
+network.T5Config:
+  vocab_size = {vocab_size}
+  dtype = 'float32'
+  num_encoder_layers = 1
+  num_decoder_layers = 1
+  num_heads = 2
+  head_dim = 4
+
+train_script.train:
+  train_eval_dataset_cfg = None
+  infer_eval_dataset_cfg = None
+train/utils.DatasetConfig.seed = 0
+utils.SaveCheckpointConfig:
+  period = {checkpoint_period}
+  save_dataset = {save_dataset}
+{extra_gin}
+"""
+
+
+@pytest.fixture(scope="module")
+def initial_checkpoint(initialize, partitioner, tmp_path_factory):
+    """An Orbax T5X checkpoint of the tiny model with Adafactor and no mask ("pre-trained")."""
+    _, state, _ = initialize(adafactor_optimizer())
+    directory = str(tmp_path_factory.mktemp("pretrained"))
+    manager = t5x_utils.create_orbax_checkpoint_manager(
+        save_cfg=t5x_utils.SaveCheckpointConfig(period=1),
+        train_state=state,
+        partitioner=partitioner,
+        model_dir=directory,
+    )
+    manager.save(state)
+    manager.wait_until_finished()
+    return os.path.join(directory, "checkpoint_0"), host(state.params)
+
+
+def run_t5x_train(
+    tmp_path, sam_gin, model_dir, initial_checkpoint, checkpoint_period, extra_gin=""
+):
+    """Runs T5X's `train` as its train.py would, with our gin file included last.
+
+    Only the partitioner is passed in (the tests' data × model mesh, compiling
+    fast); everything else comes from gin. With no initial checkpoint the run
+    starts from scratch and checkpoints its dataset position too (T5X would
+    look for one in a pre-trained checkpoint as well).
+
+    Returns:
+      (last step, train state).
+    """
+    gin.clear_config()
+    train_using_gin = gin.configurable(t5x_train.train)
+    (tmp_path / "run.gin").write_text(
+        T5X_RUN_GIN.format(
+            sam_gin=sam_gin,
+            model_dir=model_dir,
+            initial_checkpoint=initial_checkpoint or [],
+            task=TASK,
+            feature_lengths=FEATURE_LENGTHS,
+            vocabulary=vocabulary_gin(),
+            vocab_size=TINY_CONFIG.vocab_size,
+            checkpoint_period=checkpoint_period,
+            save_dataset=initial_checkpoint is None,
+            extra_gin=extra_gin,
+        )
+    )
+    # An absolute path: gin's search paths are global and accumulate across tests.
+    search_paths = [REPO, *t5x_train._DEFAULT_GIN_SEARCH_PATHS]
+    gin_utils.parse_gin_flags(search_paths, [str(tmp_path / "run.gin")], [])
+    return train_using_gin(partitioner=DataMeshPartitioner(num_partitions=2))
+
+
+def train_summaries(model_dir, skip=()):
+    """{step: {tag: value}} of the scalars T5X wrote to `model_dir/train`.
+
+    Args:
+      model_dir: the run's model directory.
+      skip: event files to leave out (those of an earlier run).
+
+    Returns:
+      The scalars, and the event files read.
+    """
+    import tensorflow as tf  # noqa: PLC0415  (seqio's dependency)
+
+    summaries = {}
+    paths = set(tf.io.gfile.glob(os.path.join(model_dir, "train", "events.out.tfevents.*")))
+    for path in paths - set(skip):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                if value.HasField("tensor") and not value.tensor.string_val:
+                    scalar = float(tf.make_ndarray(value.tensor))
+                    summaries.setdefault(event.step, {})[value.tag] = scalar
+    return summaries, paths
+
+
+@pytest.mark.parametrize("sam_gin, rho", [("sam.gin", 0.05), ("delta_sam.gin", 0.02)])
+def test_t5x_train_finetunes_with_a_sam_include(
+    gin_config, tmp_path, initial_checkpoint, sam_gin, rho
+):
+    checkpoint_path, initial_params = initial_checkpoint
+    model_dir = str(tmp_path / "model")
+    step, state = run_t5x_train(tmp_path, sam_gin, model_dir, checkpoint_path, 2)
+
+    assert step == 2 and int(host(state.step)) == 2
+    assert os.path.isdir(os.path.join(model_dir, "checkpoint_2", "state"))
+    trained = host(state.params)
+    assert all(np.isfinite(w).all() for w in jax.tree.leaves(trained))
+    assert any(
+        not np.allclose(a, b)
+        for a, b in zip(jax.tree.leaves(trained), jax.tree.leaves(initial_params))
+    )
+    summary = train_summaries(model_dir)[0][2]  # one summary per checkpoint period
+    assert all(name in summary for name in SAM_METRICS), sorted(summary)
+    assert np.isfinite(summary["loss"]) and summary["sam/perturbed_loss"] > 0
+    assert summary["sam/rho"] == pytest.approx(rho)
+    assert summary["sam/mask_density"] == 1.0
+    if sam_gin == "sam.gin":  # ¼ of each data shard's 2 rows: 1 row per shard, uniform
+        assert summary["sam/weight_min"] == summary["sam/weight_max"] == pytest.approx(1 / 4)
+    else:  # every packed example weighted on its own
+        assert summary["sam/weight_max"] > summary["sam/weight_min"] >= 0
+
+
+def test_t5x_train_with_fsam_resumes_exactly_from_its_orbax_checkpoint(gin_config, tmp_path):
+    model_dir = str(tmp_path / "model")
+    # The authors' cheaper Fisher estimator halves the compile time; the default
+    # one is checked in SamTrainer above. The rest are fsam.gin's defaults.
+    estimator = "sam_jax.fisher_mask.fisher = 'squared_batch_gradient'"
+    step, state = run_t5x_train(tmp_path, "fsam.gin", model_dir, None, 1, estimator)
+    first_run = host(state.state_dict())
+    first_summaries, first_files = train_summaries(model_dir)
+
+    # fsam.gin's defaults: sparsity 0.9, refreshed every 100 steps (so on step 0 only).
+    masks = jax.tree.leaves(first_run["state"]["fisher_mask"]["mask"])
+    total = sum(m.size for m in masks)
+    assert step == 2 and first_run["state"]["fisher_step"] == 2
+    assert sum(int(m.sum()) for m in masks) == round(0.1 * total)
+    assert first_summaries[2]["sam/mask_density"] == pytest.approx(round(0.1 * total) / total)
+    assert os.path.isdir(os.path.join(model_dir, "checkpoint_1", "state"))
+
+    # Resume from step 1's checkpoint (state, mask and dataset position): step 2 uses
+    # the restored mask of step 0 and must repeat the first run's step 2 exactly.
+    shutil.rmtree(os.path.join(model_dir, "checkpoint_2"))
+    step, state = run_t5x_train(tmp_path, "fsam.gin", model_dir, None, 1, estimator)
+    assert step == 2
+    assert_state_dicts_equal(host(state.state_dict()), first_run)
+    resumed_summaries, _ = train_summaries(model_dir, skip=first_files)
+    assert max(resumed_summaries) == 2
+    for name in SAM_METRICS + ("loss",):
+        assert resumed_summaries[2][name] == first_summaries[2][name], name

@@ -94,3 +94,8 @@ def row_losses(model, params, batch: Batch, dropout_rng) -> jax.Array:
 def example_token_counts(batch: Batch) -> jax.Array:
     """Σ of each example's loss weights, shaped like `example_losses` (0: an empty slot)."""
     return _per_example_sum(jnp.asarray(batch[LOSS_WEIGHTS], jnp.float32), batch)
+
+
+def present_examples(batch: Batch) -> jax.Array:
+    """Which entries of `example_losses` are examples: False on a packed row's empty slots."""
+    return example_token_counts(batch) > 0

@@ -84,9 +84,9 @@ class SamTrainer(trainer_lib.Trainer):
       ascent_fraction: f in (0, 1], the ascent micro-batch's share of the batch
         (0.25 in Bahri et al.; 1 is classic SAM).
       sharpness_m: m ≥ 1 groups with their own perturbation (m-sharpness).
-      reweight: `sam_jax.delta_sam(...)`, `sam_jax.delta_sam_draft(...)` (not
-        with packed batches: its weights depend on the number of examples) or
-        None for uniform weights.
+      reweight: `sam_jax.delta_sam(...)`, `sam_jax.delta_sam_draft(...)` or
+        None for uniform weights. With packed batches every packed example is
+        weighted on its own (and counted as one of the rule's examples).
       adaptive: ASAM's scale-adaptive perturbation.
       adaptive_eta: η > 0 of ASAM's T_w = |w| + η.
       weight_metrics_computer: T5X's optional weight metrics.
@@ -298,56 +298,31 @@ class SamTrainer(trainer_lib.Trainer):
     def _reweighted_ascent(self, params, ascent_batch, key, count, shards, step_rho):
         """g = ∇ Σ_i p_i l_i(w) over M's examples, with the `reweight` rule's p.
 
-        The rule's extra forward passes use the ascent pass's dropout key(s), so
-        its finite differences see the same dropout masks. With `count` > 1 the
-        losses of all of M are needed before any backward pass, which costs one
-        more forward pass (as in `sam_jax.sam`).
+        `sam_jax.transform.reweighted_ascent_gradient` on the model's
+        per-example losses; the rule's extra forward passes use the ascent
+        pass's dropout key(s), so its finite differences see the same dropout
+        masks. In a packed batch the examples are the segments; the empty
+        segment slots are marked absent, so they get no weight and do not count
+        as examples in the rule or the weights' statistics.
         """
-        if per_example.SEGMENT_IDS in ascent_batch and self._reweight.name == "delta_sam_draft":
-            raise ValueError(
-                "delta_sam_draft's weights depend on the number of examples, which a packed "
-                "batch does not fix: use delta_sam, or unpacked batches "
-                "(train/utils.DatasetConfig.pack = False)."
-            )
 
         def piece_losses(p, piece, index):
             piece_key = batching.microbatch_key(key, index, count)
             return per_example.example_losses(self._model, p, piece, piece_key)
 
-        if count == 1:
-            token_counts = per_example.example_token_counts(ascent_batch)
-
-            def losses_at(p):
-                return piece_losses(p, ascent_batch, 0)
-
-            clean_losses, pullback = jax.vjp(losses_at, params)
-        else:
-            pieces = batching.microbatches(ascent_batch, count, shards)
-            indices = jnp.arange(count)
-            token_counts = jax.vmap(per_example.example_token_counts)(pieces).reshape(-1)
-
-            def losses_at(p):  # all of M, in microbatch order
-                losses = jax.lax.map(lambda ip: piece_losses(p, ip[1], ip[0]), (indices, pieces))
-                return losses.reshape(-1)
-
-            clean_losses = losses_at(params)
-        weights = jax.lax.stop_gradient(
-            self._reweight.weights(
-                losses_at, params, clean_losses, transform.reweight_key(key), step_rho
-            )
+        packed = per_example.SEGMENT_IDS in ascent_batch
+        grads, clean_losses, weights, present = transform.reweighted_ascent_gradient(
+            piece_losses,
+            params,
+            ascent_batch,
+            reweight=self._reweight,
+            noise_key=transform.reweight_key(key),
+            rho=step_rho,
+            count=count,
+            num_data_shards=shards,
+            present_of=per_example.present_examples if packed else None,
         )
-        if count == 1:
-            (grads,) = pullback(weights)
-        else:
-            per_piece = weights.reshape(count, -1)
-
-            def piece_gradient(piece, index):
-                losses, piece_pullback = jax.vjp(lambda p: piece_losses(p, piece, index), params)
-                return piece_pullback(per_piece[index].astype(losses.dtype))[0]
-
-            grads = batching.sum_over_microbatches(piece_gradient, ascent_batch, count, shards)
-        spread = reweighting.statistics(weights)
-        present = token_counts > 0
-        spread = spread._replace(min=jnp.min(jnp.where(present, weights, spread.max)))
-        clean_loss = clu.metrics.Average(total=jnp.sum(clean_losses), count=jnp.sum(token_counts))
+        spread = reweighting.statistics(weights, present)
+        tokens = jnp.sum(per_example.example_token_counts(ascent_batch))
+        clean_loss = clu.metrics.Average(total=jnp.sum(clean_losses), count=tokens)
         return grads, clean_loss, spread
