@@ -66,11 +66,8 @@ def normalize(scores: jax.Array, present: jax.Array | None = None) -> jax.Array:
       present: optional boolean [a], the rows that are examples; absent rows
         get 0 and the sum and the uniform fallback are over present rows.
     """
-    if present is None:
-        fallback = jnp.full_like(scores, 1.0 / scores.shape[0])
-    else:
-        scores = _masked(scores, present)
-        fallback = uniform(scores.shape[0], present).astype(scores.dtype)
+    scores = _masked(scores, present)
+    fallback = uniform(scores.shape[0], present).astype(scores.dtype)
     total = jnp.sum(scores)
     valid = jnp.isfinite(total) & (total > 0)
     return jnp.where(valid, scores / jnp.where(valid, total, 1.0), fallback)
