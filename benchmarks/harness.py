@@ -19,6 +19,7 @@ from collections.abc import Callable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -83,9 +84,23 @@ def round_robin(runs: Mapping[str, Callable[[], float]], rounds: int) -> dict[st
     return times
 
 
-def compiled_flops(compiled: jax.stages.Compiled) -> float:
-    """FLOPs of one call, by XLA's `cost_analysis()` (per device when sharded)."""
-    return float(compiled.cost_analysis()["flops"])
+class Cost(NamedTuple):
+    """What XLA's `cost_analysis()` says one call of a compiled step costs.
+
+    Attributes:
+      flops: floating-point operations.
+      bytes_accessed: bytes read and written by its operations (a memory-bound
+        pass over the parameters costs time but few FLOPs; this shows it).
+    """
+
+    flops: float
+    bytes_accessed: float
+
+
+def compiled_cost(compiled: jax.stages.Compiled) -> Cost:
+    """FLOPs and bytes accessed of one call (per device when sharded)."""
+    analysis = compiled.cost_analysis()
+    return Cost(float(analysis["flops"]), float(analysis["bytes accessed"]))
 
 
 def peak_bytes(compiled: jax.stages.Compiled) -> int:
@@ -103,8 +118,8 @@ def peak_bytes(compiled: jax.stages.Compiled) -> int:
     )
 
 
-def refresh_flops(mask, params, batch, loss_fn, mask_state) -> float:
-    """FLOPs of one Fisher-mask refresh on its own.
+def refresh_cost(mask, params, batch, loss_fn, mask_state) -> Cost:
+    """The cost of one Fisher-mask refresh on its own.
 
     XLA's cost analysis counts the costlier branch of a `cond`, so a SAM step
     with a `sam_jax.fisher_mask` is counted as if it refreshed the mask; subtract
@@ -120,7 +135,7 @@ def refresh_flops(mask, params, batch, loss_fn, mask_state) -> float:
     refresh = jax.jit(
         lambda p, s: mask.update(s, jnp.int32(0), p, loss_fn, batch, jax.random.key(0))
     )
-    return compiled_flops(refresh.lower(params, mask_state).compile())
+    return compiled_cost(refresh.lower(params, mask_state).compile())
 
 
 def amortized(ordinary: float, refresh: float, interval: int) -> float:

@@ -53,10 +53,10 @@ from absl import app
 from absl import flags
 from absl import logging
 from harness import amortized
-from harness import compiled_flops
+from harness import compiled_cost
 from harness import peak_bytes
 from harness import print_table
-from harness import refresh_flops
+from harness import refresh_cost
 from harness import round_robin
 from harness import synthetic_batch
 
@@ -224,7 +224,7 @@ def build_variant(variant: str, batch_size: int, steps: int, params=None) -> tup
         state=state,
         batch=batch,
         key=setup.dropout_key,
-        flops=compiled_flops(compiled),
+        flops=compiled_cost(compiled).flops,
         peak_bytes=peak_bytes(compiled),
         compile_seconds=compile_seconds,
     )
@@ -244,13 +244,13 @@ def build_variant(variant: str, batch_size: int, steps: int, params=None) -> tup
 
         result.reset_count = reset_count
         with setup.partitioner.context():
-            result.refresh_flops = refresh_flops(
+            result.refresh_flops = refresh_cost(
                 mask,
                 state.params,
                 batch,
                 setup.trainer.loss_fn,
                 state.opt_state.mask_state,
-            )
+            ).flops
     return result, arguments
 
 

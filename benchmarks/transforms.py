@@ -11,6 +11,12 @@ dropout. For every variant the script reports, relative to plain AdamW:
 * temp memory: XLA's `memory_analysis().temp_size_in_bytes`, in parameter
   copies above plain's.
 
+Rows marked bf16 run the same model with bfloat16 activations (float32
+parameters) against AdamW on it; δ-SAM runs with its default forward-mode probe
+and with the paper's finite differences; m-sharpness runs its 4 groups in
+parallel (vmap) and one at a time. The time to draw δ-SAM's random direction is
+printed after the table.
+
 FSAM's mask is refreshed once every `interval` steps: its time and FLOPs are
 amortised, ((interval − 1)·ordinary + refresh) / interval. Per-instance SAM
 materialises one gradient per example, so it runs on a smaller batch and is
@@ -31,14 +37,16 @@ import optax
 from absl import app
 from absl import flags
 from harness import amortized
-from harness import compiled_flops
+from harness import Cost
+from harness import compiled_cost
 from harness import print_table
-from harness import refresh_flops
+from harness import refresh_cost
 from harness import round_robin
 from harness import synthetic_batch
 from harness import timed
 
 import sam_jax
+from sam_jax import perturbation
 from sam_jax.models import t5
 
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds over all variants.")
@@ -59,11 +67,11 @@ class Variant:
     step: Callable
     state: object
     batch: dict
-    flops: float
+    cost: Cost
     temp_bytes: int
     baseline: str = "AdamW"
     refresh_state: object = None  # FSAM: a state whose next step refreshes the mask
-    refresh_flops: float = 0.0
+    refresh_cost: Cost = Cost(0.0, 0.0)
     times: list = dataclasses.field(default_factory=list)
     refresh_times: list = dataclasses.field(default_factory=list)
 
@@ -72,7 +80,8 @@ class Variant:
         return timed(self.step, params, self.state if state is None else state, key)[0]
 
 
-def make_model():
+def make_model(dtype=jnp.float32):
+    """The benchmark's T5.1.1-style model (float32 parameters; `dtype` activations)."""
     config = t5.T5Config(
         vocab_size=VOCAB_SIZE,
         emb_dim=256,
@@ -82,6 +91,7 @@ def make_model():
         num_encoder_layers=2,
         num_decoder_layers=2,
         dropout_rate=0.1,
+        dtype=dtype,
     )
     params = nn.meta.unbox(t5.init_variables(config, jax.random.key(0))["params"])
     return t5.Transformer(config), params
@@ -130,7 +140,7 @@ def compile_variant(name, tx, params, batch, loss_fn, plain, baseline="AdamW"):
         step=compiled,
         state=state,
         batch=batch,
-        flops=compiled_flops(compiled),
+        cost=compiled_cost(compiled),
         temp_bytes=compiled.memory_analysis().temp_size_in_bytes,
         baseline=baseline,
     )
@@ -138,6 +148,7 @@ def compile_variant(name, tx, params, batch, loss_fn, plain, baseline="AdamW"):
 
 def build_variants(model, params):
     loss_fn = make_loss_fn(model)
+    bf16_loss_fn = make_loss_fn(make_model(jnp.bfloat16)[0])
     batch = make_batch(_BATCH.value)
     small_batch = make_batch(_PER_INSTANCE_BATCH.value)
     adamw = optax.adamw(1e-4)
@@ -170,19 +181,51 @@ def build_variants(model, params):
             False,
             "AdamW",
         ),
+        (
+            "δ-SAM f=1/4 finite diff.",
+            sam_jax.sam(adamw, **quarter, reweight=sam_jax.delta_sam(1e-4, "finite_difference")),
+            batch,
+            False,
+            "AdamW",
+        ),
         ("FSAM f=1/4", sam_jax.sam(adamw, **quarter, mask=fisher), batch, False, "AdamW"),
         ("ASAM f=1", sam_jax.sam(adamw, rho=0.5, adaptive=True), batch, False, "AdamW"),
+        ("SAM m=4 parallel", sam_jax.sam(adamw, rho=rho, sharpness_m=4), batch, False, "AdamW"),
+        (
+            "SAM m=4 serial",
+            sam_jax.sam(adamw, rho=rho, sharpness_m=4, parallel_groups=1),
+            batch,
+            False,
+            "AdamW",
+        ),
+        ("AdamW bf16", adamw, batch, True, "AdamW bf16"),
+        ("SAM f=1/4 bf16", sam_jax.sam(adamw, **quarter), batch, False, "AdamW bf16"),
+        (
+            "δ-SAM f=1/4 bf16",
+            sam_jax.sam(adamw, **quarter, reweight=sam_jax.delta_sam(1e-4)),
+            batch,
+            False,
+            "AdamW bf16",
+        ),
+        (
+            "δ-SAM f=1/4 bf16 finite diff.",
+            sam_jax.sam(adamw, **quarter, reweight=sam_jax.delta_sam(1e-4, "finite_difference")),
+            batch,
+            False,
+            "AdamW bf16",
+        ),
         (small, adamw, small_batch, True, small),
         ("per-instance SAM", sam_jax.per_instance_sam(adamw, rho), small_batch, False, small),
     ]
     variants = {}
     for name, tx, data, plain, baseline in specs:
-        variant = compile_variant(name, tx, params, data, loss_fn, plain, baseline)
+        step_loss_fn = bf16_loss_fn if "bf16" in name else loss_fn
+        variant = compile_variant(name, tx, params, data, step_loss_fn, plain, baseline)
         if name.startswith("FSAM"):
             # The state after init refreshes at count 0; count 1 is an ordinary step.
             variant.refresh_state = variant.state
             variant.state = variant.state._replace(count=jnp.int32(1))
-            variant.refresh_flops = refresh_flops(
+            variant.refresh_cost = refresh_cost(
                 fisher, params, data, loss_fn, variant.state.mask_state
             )
         variants[name] = variant
@@ -205,28 +248,67 @@ def measure(variants, params, rounds):
         variant.refresh_times = times.get(f"{name} (refresh)", [])
 
 
+def per_step(variant):
+    """(median seconds, Cost) of one step; FSAM's mask refresh amortised."""
+    seconds, cost = statistics.median(variant.times), variant.cost
+    if variant.refresh_state is not None:
+        seconds = amortized(seconds, statistics.median(variant.refresh_times), FSAM_INTERVAL)
+        ordinary = Cost(*(c - r for c, r in zip(cost, variant.refresh_cost, strict=True)))
+        cost = Cost(
+            *(amortized(o, c, FSAM_INTERVAL) for o, c in zip(ordinary, cost, strict=True))
+        )
+    return seconds, cost
+
+
 def report(variants, param_bytes):
     rows = []
     for variant in variants.values():
-        base = variants[variant.baseline]
-        seconds = statistics.median(variant.times)
-        flops = variant.flops
-        if variant.refresh_state is not None:
-            seconds = amortized(seconds, statistics.median(variant.refresh_times), FSAM_INTERVAL)
-            flops = amortized(flops - variant.refresh_flops, flops, FSAM_INTERVAL)
-        base_seconds = statistics.median(base.times)
+        seconds, cost = per_step(variant)
+        base_seconds, base_cost = per_step(variants[variant.baseline])
         rows.append(
             (
                 variant.name,
-                1e3 * seconds,
-                seconds / base_seconds,
-                flops / base.flops,
-                (variant.temp_bytes - base.temp_bytes) / param_bytes,
+                f"{1e3 * seconds:.0f}",
+                f"{seconds / base_seconds:.2f}",
+                f"{cost.flops / base_cost.flops:.2f}",
+                f"{cost.bytes_accessed / base_cost.bytes_accessed:.2f}",
+                f"{(variant.temp_bytes - variants[variant.baseline].temp_bytes) / param_bytes:+.2f}",
             )
         )
-    header = ("variant", "ms/step", "time ×", "FLOPs ×", "temp mem − plain (param copies)")
-    cells = [(name, f"{ms:.0f}", f"{t:.2f}", f"{f:.2f}", f"{m:+.2f}") for name, ms, t, f, m in rows]
-    print_table(header, cells, _MARKDOWN.value)
+    header = (
+        "variant",
+        "ms/step",
+        "time ×",
+        "FLOPs ×",
+        "bytes ×",
+        "temp mem − plain (param copies)",
+    )
+    print_table(header, rows, _MARKDOWN.value)
+    for variant in variants.values():
+        if variant.refresh_state is not None:
+            refresh = statistics.median(variant.refresh_times)
+            ordinary = statistics.median(variant.times)
+            flops = variant.cost.flops / (variant.cost.flops - variant.refresh_cost.flops)
+            print(
+                f"{variant.name}: a refresh step takes {1e3 * refresh:.0f} ms, "
+                f"{refresh / ordinary:.2f} × an ordinary step ({flops:.2f} × in FLOPs)",
+                flush=True,
+            )
+
+
+def report_random_direction(variants, params, rounds):
+    """The cost of δ-SAM's random direction r ~ N(0, I), ‖r‖ = ρ, over all parameters."""
+    draw = jax.jit(lambda key: perturbation.random_perturbation(key, params, 0.05))
+    compiled = draw.lower(jax.random.key(0)).compile()
+    times = round_robin({"r": lambda: timed(compiled, jax.random.key(1))[0]}, rounds)["r"]
+    seconds, plain = statistics.median(times), statistics.median(variants["AdamW"].times)
+    num_params = sum(p.size for p in jax.tree.leaves(params))
+    print(
+        f"drawing r over {num_params / 1e6:.2f} M parameters: {1e3 * seconds:.1f} ms "
+        f"({1e9 * seconds / num_params:.1f} ns per parameter; {seconds / plain:.3f} × a plain "
+        f"step of this model and batch)",
+        flush=True,
+    )
 
 
 def main(argv):
@@ -243,6 +325,7 @@ def main(argv):
     variants = build_variants(model, params)
     measure(variants, params, _ROUNDS.value)
     report(variants, param_bytes)
+    report_random_direction(variants, params, _ROUNDS.value)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,18 @@
 Optax transformations for SAM with an ascent micro-batch (Bahri et al. 2022),
 m-sharpness, δ-SAM instance reweighting (Zhou et al. 2022), FSAM's Fisher mask
 (Zhong et al. 2022), ASAM (Kwon et al. 2021) and per-instance SAM, plus the
-sharpness measures used to compare them.
+sharpness measures used to compare them. All of them compute their gradient
+with one function, `sam_gradient`, which loops that own their optimizer call
+directly.
 """
 
 from sam_jax import sharpness
+from sam_jax.core import SamConfig
+from sam_jax.core import SamGradient
+from sam_jax.core import SamGradientState
+from sam_jax.core import SamMetrics
+from sam_jax.core import sam_gradient
+from sam_jax.core import sam_gradient_init
 from sam_jax.fisher import FisherMask
 from sam_jax.fisher import FisherMaskState
 from sam_jax.fisher import fisher_mask
@@ -14,7 +22,6 @@ from sam_jax.per_instance import per_instance_sam
 from sam_jax.reweighting import InstanceReweighting
 from sam_jax.reweighting import delta_sam
 from sam_jax.reweighting import delta_sam_draft
-from sam_jax.transform import SamMetrics
 from sam_jax.transform import SamState
 from sam_jax.transform import sam
 
@@ -22,6 +29,9 @@ __all__ = [
     "FisherMask",
     "FisherMaskState",
     "InstanceReweighting",
+    "SamConfig",
+    "SamGradient",
+    "SamGradientState",
     "SamMetrics",
     "SamState",
     "delta_sam",
@@ -29,6 +39,8 @@ __all__ = [
     "fisher_mask",
     "per_instance_sam",
     "sam",
+    "sam_gradient",
+    "sam_gradient_init",
     "sharpness",
 ]
 

@@ -80,21 +80,31 @@ def ascent_slice(batch: Batch, size: int, num_data_shards: int = 1) -> Batch:
     return jax.tree.map(take, batch)
 
 
-def split_groups(batch: Batch, num_groups: int) -> Batch:
-    """Reshapes [N, ...] leaves to [num_groups, N / num_groups, ...] (contiguous groups)."""
-    num_examples = batch_size(batch)
-    if num_groups < 1 or num_examples % num_groups:
-        raise ValueError(
-            f"sharpness_m={num_groups} must be ≥ 1 and divide the batch size {num_examples}."
-        )
-    return jax.tree.map(
-        lambda x: x.reshape((num_groups, num_examples // num_groups) + x.shape[1:]), batch
-    )
-
-
 def single_example(example: Batch) -> Batch:
     """Adds a leading example axis of size 1 to every leaf (for per-example vmaps)."""
     return jax.tree.map(lambda x: jnp.expand_dims(x, 0), example)
+
+
+def check_losses(losses, batch: Batch, slots: bool = False) -> None:
+    """Checks that `losses` has one loss per example of `batch`.
+
+    Args:
+      losses: what `loss_fn` returned.
+      batch: the pytree of arrays [N, ...] it was computed on.
+      slots: also accept [N, S], S example slots per row (a packed batch).
+    """
+    num_examples = batch_size(batch)
+    shape = getattr(losses, "shape", None)
+    if shape == (num_examples,) or (
+        slots and shape is not None and len(shape) == 2 and shape[0] == num_examples
+    ):
+        return
+    allowed = f"[N] = ({num_examples},)" + (" or [N, S]" if slots else "")
+    raise ValueError(
+        f"`loss_fn(params, batch, key)` must return per-example losses of shape {allowed}, "
+        f"got shape {shape if shape is not None else type(losses)}. Return the unreduced "
+        "losses (e.g. drop the final mean)."
+    )
 
 
 def per_example_losses(loss_fn, params, batch: Batch, key) -> jax.Array:
@@ -110,13 +120,7 @@ def per_example_losses(loss_fn, params, batch: Batch, key) -> jax.Array:
         The per-example losses, shape [N].
     """
     losses = loss_fn(params, batch, key)
-    num_examples = batch_size(batch)
-    if getattr(losses, "shape", None) != (num_examples,):
-        raise ValueError(
-            "`loss_fn(params, batch, key)` must return per-example losses of shape "
-            f"[N] = ({num_examples},), got shape {getattr(losses, 'shape', type(losses))}. "
-            "Return the unreduced losses (e.g. drop the final mean)."
-        )
+    check_losses(losses, batch)
     return losses
 
 
@@ -153,38 +157,65 @@ def microbatches(batch: Batch, num_microbatches: int, num_data_shards: int = 1) 
     return jax.tree.map(split, batch)
 
 
-def microbatch_key(key, index, num_microbatches: int):
-    """The dropout key of microbatch `index`: `key` itself when there is one microbatch."""
-    if key is None or num_microbatches == 1:
+def piece_key(key, index, count: int):
+    """The dropout key of piece `index` of `count` (a group, or a microbatch of one).
+
+    `fold_in(key, index)`, and `key` itself when there is one piece, so that
+    splitting nothing changes nothing. m-sharpness group g gets
+    `piece_key(step_key, g, m)`, and microbatch j of that group
+    `piece_key(group_key, j, k)`: every group and microbatch draws its own
+    dropout masks, in every SAM path (`sam`, `per_instance_sam`, T5X).
+    """
+    if key is None or count == 1:
         return key
     return jax.random.fold_in(key, index)
 
 
-def sum_over_microbatches(fn, batch: Batch, num_microbatches: int, num_data_shards: int = 1):
-    """Σ_j fn(microbatch_j, j), accumulated with `lax.scan` (memory of one output).
+def _accumulator(value):
+    """Zeros like `value`, float32 for floating leaves (sums never round in bf16)."""
+    dtype = jnp.float32 if jnp.issubdtype(value.dtype, jnp.floating) else value.dtype
+    return jnp.zeros(value.shape, dtype)
+
+
+def accumulate_microbatches(fn, batch: Batch, num_microbatches: int, num_data_shards: int = 1):
+    """Σ_j of `fn`'s first output over microbatches, and its second output stacked.
+
+    Sums are accumulated in float32 with `lax.scan` (memory of one output) and
+    cast back to each leaf's dtype.
 
     Args:
-      fn: `fn(microbatch, index) -> pytree`, the same structure for every j.
+      fn: `fn(microbatch, index) -> (to_sum, to_stack)`, the same structure for
+        every j.
       batch: pytree of arrays [N, ...].
-      num_microbatches: k; with k = 1, simply `fn(batch, 0)`.
+      num_microbatches: k; with k = 1, simply `fn(batch, 0)` (nothing stacked).
       num_data_shards: D, see `microbatches`.
 
     Returns:
-      The sum of the outputs over the k microbatches.
+      `(sum, stacked)`, the leaves of `stacked` with a leading [k] axis when k > 1.
     """
     if num_microbatches == 1:
         return fn(batch, 0)
     pieces = microbatches(batch, num_microbatches, num_data_shards)
     first = jax.tree.map(lambda x: x[0], pieces)
-    total = jax.tree.map(
-        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(fn, first, jnp.int32(0))
-    )
+    sum_shapes, _ = jax.eval_shape(fn, first, jnp.int32(0))
+    total = jax.tree.map(_accumulator, sum_shapes)
 
     def accumulate(running, indexed):
         index, piece = indexed
-        return jax.tree.map(jnp.add, running, fn(piece, index)), None
+        to_sum, to_stack = fn(piece, index)
+        running = jax.tree.map(lambda r, x: r + x.astype(r.dtype), running, to_sum)
+        return running, to_stack
 
-    total, _ = jax.lax.scan(accumulate, total, (jnp.arange(num_microbatches), pieces))
+    total, stacked = jax.lax.scan(accumulate, total, (jnp.arange(num_microbatches), pieces))
+    total = jax.tree.map(lambda t, s: t.astype(s.dtype), total, sum_shapes)
+    return total, stacked
+
+
+def sum_over_microbatches(fn, batch: Batch, num_microbatches: int, num_data_shards: int = 1):
+    """Σ_j fn(microbatch_j, j), accumulated in float32 (see `accumulate_microbatches`)."""
+    total, _ = accumulate_microbatches(
+        lambda piece, index: (fn(piece, index), None), batch, num_microbatches, num_data_shards
+    )
     return total
 
 

@@ -35,20 +35,25 @@ class FisherMask(NamedTuple):
 
     Attributes:
       init: `init(params) -> FisherMaskState`, an all-True mask.
-      update: `update(state, count, params, loss_fn, batch, key) -> FisherMaskState`,
-        the refreshed mask on steps where `count % interval == 0`, else `state`.
+      update: `update(state, count, params, loss_fn, batch, key, num_data_shards=1)
+        -> FisherMaskState`, the refreshed mask on steps where
+        `count % interval == 0`, else `state`.
     """
 
     init: Callable[..., FisherMaskState]
     update: Callable[..., FisherMaskState]
 
 
-def empirical_fisher(loss_fn, params, examples, key, chunk_size: int) -> optax.Params:
+def empirical_fisher(
+    loss_fn, params, examples, key, chunk_size: int, num_data_shards: int = 1
+) -> optax.Params:
     """F̂ = mean_i (∇ l_i(w))², from per-example gradients (paper Eq. 9).
 
     Per-example gradients are computed `chunk_size` at a time with `vmap` and
     their squares accumulated in float32, so memory grows with `chunk_size`,
-    not with the number of examples.
+    not with the number of examples. Each chunk takes the same number of
+    examples from every data shard (`batching.microbatches`), so under sharding
+    every device holds chunk_size / num_data_shards per-example gradients.
     """
     num_examples = batching.batch_size(examples)
 
@@ -64,7 +69,7 @@ def empirical_fisher(loss_fn, params, examples, key, chunk_size: int) -> optax.P
         return jax.tree.map(jnp.add, total, squared), None
 
     zeros = jax.tree.map(lambda w: jnp.zeros(w.shape, jnp.float32), params)
-    chunks = batching.split_groups(examples, num_examples // chunk_size)
+    chunks = batching.microbatches(examples, num_examples // chunk_size, num_data_shards)
     total, _ = jax.lax.scan(accumulate, zeros, chunks)
     return jax.tree.map(lambda t: t / num_examples, total)
 
@@ -78,49 +83,167 @@ def squared_batch_gradient(loss_fn, params, examples, key) -> optax.Params:
     return jax.tree.map(lambda g: jnp.square(g.astype(jnp.float32)), jax.grad(loss)(params))
 
 
+# Entries counted at once: backends that do not fuse a comparison into its sum
+# (XLA:CPU) store one int32 per entry counted, so large leaves are counted by
+# row blocks of about this many entries.
+COUNT_BLOCK = 1 << 20
+# Leaves this small are counted at once.
+SMALL_LEAF = 1 << 16
+
+
+def _rows_per_block(num_rows: int, width: int) -> int:
+    """The most rows, dividing `num_rows`, whose entries fit in `COUNT_BLOCK`, at most half.
+
+    At least two blocks, so that XLA keeps the loop (and its temporaries inside it).
+    """
+    most = max(1, min(COUNT_BLOCK // width, num_rows // 2))
+    return max(d for d in range(1, most + 1) if num_rows % d == 0)
+
+
+def _as_rows(score: jax.Array) -> jax.Array:
+    """A leaf viewed as a matrix [rows, width] (row-major order kept)."""
+    return score.reshape((score.shape[0] if score.ndim >= 2 else 1, -1))
+
+
+def _before(row_ids: jax.Array, width: int):
+    """`before(cut)`: whether each entry's row-major position is < cut.
+
+    Built from a column of row ids and a row of column ids, which broadcast
+    inside the comparison: no position array is ever stored.
+    """
+    columns = jnp.arange(width, dtype=jnp.int32)[None, :]
+
+    def before(cut):
+        cut_row, cut_column = cut // width, cut % width
+        return (row_ids < cut_row) | ((row_ids == cut_row) & (columns < cut_column))
+
+    return before
+
+
+def _count(predicate, score: jax.Array) -> jax.Array:
+    """Σ predicate(values, before) over a leaf, int32 (see `_before`).
+
+    Memory: at most about `COUNT_BLOCK` int32 temporaries, whatever the leaf's
+    size (blocks of rows are sliced in place, in a loop).
+    """
+    rows = _as_rows(score)
+    num_rows, width = rows.shape
+    if num_rows < 2 or rows.size <= SMALL_LEAF:
+        before = _before(jnp.arange(num_rows, dtype=jnp.int32)[:, None], width)
+        return jnp.sum(predicate(rows, before), dtype=jnp.int32)
+    block = _rows_per_block(num_rows, width)
+
+    def count_block(index, total):
+        start = index * block
+        values = jax.lax.dynamic_slice_in_dim(rows, start, block)
+        before = _before(start + jnp.arange(block, dtype=jnp.int32)[:, None], width)
+        return total + jnp.sum(predicate(values, before), dtype=jnp.int32)
+
+    return jax.lax.fori_loop(0, num_rows // block, count_block, jnp.int32(0))
+
+
+def _float_of_bits(bits: jax.Array) -> jax.Array:
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 def top_k_mask(scores: optax.Params, k: int) -> optax.Params:
     """Boolean tree with True on exactly the k largest scores across all leaves.
 
-    Works without concatenating the parameters (so it stays sharded and needs
-    no |w|-sized sort): a bisection over the bit patterns of the non-negative
-    float32 scores (monotone in their value) finds the k-th largest value t in
-    32 counting passes; entries above t are kept, and ties at t are broken by
-    position (leaf order, then row-major), so exactly k entries are True.
+    Works without concatenating, sorting or copying the parameters: every pass
+    is a fused count over the scores, compared as they are. A bisection over
+    the float32 bit patterns (monotone in the value of non-negative floats)
+    finds the k-th largest value t in 32 counting passes; entries above t are
+    kept, and ties at t are broken by position (leaf order, then row-major):
+    each leaf keeps its share of the ties, its first ones, found by a second
+    32-step bisection on the position. So exactly k entries are True, and
+    memory beyond the mask itself stays O(number of leaves).
 
     Args:
-      scores: tree of non-negative float arrays.
+      scores: tree of non-negative float32 arrays (other floats are cast).
       k: how many entries to keep, 0 ≤ k ≤ total size.
 
     Returns:
       A tree of booleans like `scores`.
     """
-    bits = jax.tree.map(
-        lambda s: jax.lax.bitcast_convert_type(jnp.abs(s).astype(jnp.float32), jnp.int32),
-        scores,
-    )
+    leaves, treedef = jax.tree.flatten(scores)
+    leaves = [s if s.dtype == jnp.float32 else s.astype(jnp.float32) for s in leaves]
 
-    def count_at_least(threshold):
-        return sum(jnp.sum(b >= threshold, dtype=jnp.int32) for b in jax.tree.leaves(bits))
+    def leaf_counts(predicate_of):
+        """[Σ predicate_of(l)(values, positions) over leaf l], leaf after leaf.
 
-    def bisect(_, bounds):
-        low, high = bounds  # count(≥ low) ≥ k > count(≥ high)
+        The barrier orders the leaves, so one leaf's temporaries are freed
+        before the next leaf's count starts.
+        """
+        counts, total = [], jnp.int32(0)
+        for index, s in enumerate(leaves):
+            total, s = jax.lax.optimization_barrier((total, s))
+            counts.append(_count(predicate_of(index), s))
+            total = total + counts[-1]
+        return jnp.stack(counts)
+
+    def count(predicate):
+        return jnp.sum(leaf_counts(lambda _: predicate))
+
+    def bisect_value(_, bounds):
+        low, high = bounds  # count(≥ low) ≥ k > count(≥ high), as bit patterns
         middle = low + (high - low) // 2
-        enough = count_at_least(middle) >= k
+        enough = count(lambda s, _: s >= _float_of_bits(middle)) >= k
         return jnp.where(enough, middle, low), jnp.where(enough, high, middle)
 
-    inf_bits = jnp.int32(0x7F800001)  # above +inf: nothing is at least this
-    threshold, _ = jax.lax.fori_loop(0, 32, bisect, (jnp.int32(0), inf_bits))
-    ties_to_keep = k - sum(jnp.sum(b > threshold, dtype=jnp.int32) for b in jax.tree.leaves(bits))
+    inf_bits = jnp.int32(0x7F800001)  # a NaN above +inf: no score is ≥ it
+    threshold_bits, _ = jax.lax.fori_loop(0, 32, bisect_value, (jnp.int32(0), inf_bits))
+    threshold = _float_of_bits(threshold_bits)
+    ties = leaf_counts(lambda _: lambda v, before: v == threshold)
+    ties_to_keep = k - count(lambda s, _: s > threshold)
+    keep = jnp.clip(ties_to_keep - (jnp.cumsum(ties) - ties), 0, ties)  # per leaf, in order
 
-    leaves, treedef = jax.tree.flatten(bits)
-    masks, ties_before = [], jnp.int32(0)
-    for b in leaves:
-        tie = (b == threshold).reshape(-1)
-        tie_rank = jnp.cumsum(tie, dtype=jnp.int32) + ties_before
-        keep_tie = tie & (tie_rank <= ties_to_keep)
-        masks.append((b > threshold) | keep_tie.reshape(b.shape))
-        ties_before = ties_before + jnp.sum(tie, dtype=jnp.int32)
+    def ties_before(cuts):  # per leaf: ties at a position < cut
+        return leaf_counts(lambda leaf: lambda v, before: (v == threshold) & before(cuts[leaf]))
+
+    def bisect_position(_, bounds):
+        low, high = bounds  # the first cut with ties_before(cut) ≥ keep is in [low, high]
+        middle = low + (high - low) // 2
+        enough = ties_before(middle) >= keep
+        return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+    sizes = jnp.asarray([s.size for s in leaves], jnp.int32)
+    _, cuts = jax.lax.fori_loop(0, 32, bisect_position, (jnp.zeros_like(sizes), sizes))
+    masks = []
+    for s, cut in zip(leaves, cuts, strict=True):
+        rows = _as_rows(s)
+        before = _before(jnp.arange(rows.shape[0], dtype=jnp.int32)[:, None], rows.shape[1])
+        mask = (rows > threshold) | ((rows == threshold) & before(cut))
+        masks.append(mask.reshape(s.shape))
     return jax.tree.unflatten(treedef, masks)
+
+
+def after_refresh(tree, state: FisherMaskState):
+    """`tree`, bit for bit, as a value that exists only once `state` does.
+
+    A data dependency that orders what reads `tree` after the mask's refresh.
+    `jax.lax.optimization_barrier` does not do it on XLA:CPU: the barrier is
+    expanded away (replaced by its operands) before scheduling, and the
+    concurrency-optimised scheduler then starts every computation that needs
+    only the parameters (e.g. the SAM passes' bf16 casts, a float32 copy of
+    the weights on CPU) at the beginning, so they would be live during the
+    refresh. The dependency is an elementwise select on a never-true
+    predicate of the refreshed density (≥ 0), which fuses into its readers.
+    """
+    never = state.density < 0
+    return jax.tree.map(lambda x: jnp.where(never, jnp.zeros_like(x), x), tree)
+
+
+def fisher_samples(batch, num_samples: int, num_data_shards: int = 1):
+    """The examples of a Fisher estimate: the first num_samples / D of every data shard.
+
+    The count is `num_samples`, at most the batch, rounded down to a multiple of
+    the D = `num_data_shards` shards (at least one example per shard), so the
+    samples come evenly from every shard and stay where they are
+    (`batching.ascent_slice`).
+    """
+    num_examples = batching.batch_size(batch)
+    per_shard = max(1, min(num_samples, num_examples) // num_data_shards)
+    return batching.ascent_slice(batch, per_shard * num_data_shards, num_data_shards)
 
 
 def fisher_mask(
@@ -133,17 +256,24 @@ def fisher_mask(
     """The Fisher mask of FSAM (Zhong et al. 2022, Eq. 6–10).
 
     Every `interval` steps (and at step 0) the diagonal Fisher information F̂
-    is estimated on the first `num_samples` examples of the batch, and the mask
+    is estimated on `num_samples` examples of the current batch, and the mask
     keeps the k = round((1 − s)·|w|) coordinates with the largest F̂, a global
     top-k over all parameters. `sam` then perturbs ε ⊙ m, normalised by the
     unmasked ‖g‖. Sparsity 0 keeps everything and is exactly SAM.
+
+    Where the samples come from: the paper draws N_Fisher examples from the
+    training set; here they are the first num_samples / D examples of each of
+    the D data shards of the step's batch (`fisher_samples`), i.e. a sample of
+    the shuffled training stream, spread evenly over the devices.
 
     Two estimators:
 
     * ``"empirical"`` (default): mean of squared per-example gradients of the
       per-example loss (the negative log-likelihood), the paper's Eq. 9. This is
-      the quantity the paper defines; its cost, `num_samples` per-example
-      gradients once per `interval` steps, is negligible when amortised.
+      the quantity the paper defines. Its per-example gradients are accumulated
+      a chunk at a time, by default one example per data shard, so a refresh
+      needs about one more float32 copy of the parameters than an ordinary
+      step; amortised over `interval` steps its time is small.
     * ``"squared_batch_gradient"``: the square of the mean gradient over the same
       examples, as in the authors' released code. Cheaper, but it measures the
       squared mean rather than the mean square, so coordinates whose per-example
@@ -157,11 +287,12 @@ def fisher_mask(
     Args:
       sparsity: s in [0, 1), the fraction of coordinates *not* perturbed.
       interval: refresh the mask every `interval` ≥ 1 steps.
-      num_samples: N_Fisher ≥ 1, examples used per refresh (at most the batch).
+      num_samples: N_Fisher ≥ 1, examples used per refresh (see
+        `fisher_samples`).
       fisher: ``"empirical"`` or ``"squared_batch_gradient"``.
-      chunk_size: per-example gradients computed at once (memory: chunk_size
-        copies of the gradient); None computes all `num_samples` at once. Must
-        divide the number of examples used.
+      chunk_size: per-example gradients computed at once (memory: chunk_size / D
+        gradients per device); None is one per data shard. Must be a multiple of
+        the data shards and divide the number of examples used.
 
     Returns:
       A `FisherMask` to pass as `sam(..., mask=...)`.
@@ -181,27 +312,28 @@ def fisher_mask(
         mask = jax.tree.map(lambda w: jnp.ones(w.shape, jnp.bool_), params)
         return FisherMaskState(mask, jnp.float32(1.0))
 
-    def refresh(params, loss_fn, batch, key):
-        used = min(num_samples, batching.batch_size(batch))
-        examples = jax.tree.map(lambda x: x[:used], batch)
+    def refresh(params, loss_fn, batch, key, num_data_shards):
+        examples = fisher_samples(batch, num_samples, num_data_shards)
         if fisher == "empirical":
-            chunk = used if chunk_size is None else chunk_size
-            if used % chunk:
+            used = batching.batch_size(examples)
+            chunk = num_data_shards if chunk_size is None else chunk_size
+            if used % chunk or chunk % num_data_shards:
                 raise ValueError(
-                    f"chunk_size={chunk} must divide the {used} examples used for the Fisher "
+                    f"chunk_size={chunk} must be a multiple of num_data_shards="
+                    f"{num_data_shards} and divide the {used} examples used for the Fisher "
                     "information (num_samples, at most the batch size)."
                 )
-            scores = empirical_fisher(loss_fn, params, examples, key, chunk)
+            scores = empirical_fisher(loss_fn, params, examples, key, chunk, num_data_shards)
         else:
             scores = squared_batch_gradient(loss_fn, params, examples, key)
         total = sum(w.size for w in jax.tree.leaves(params))
         keep = round((1.0 - sparsity) * total)
         return FisherMaskState(top_k_mask(scores, keep), jnp.float32(keep / total))
 
-    def update(state, count, params, loss_fn, batch, key):
+    def update(state, count, params, loss_fn, batch, key, num_data_shards=1):
         return jax.lax.cond(
             count % interval == 0,
-            lambda: refresh(params, loss_fn, batch, key),
+            lambda: refresh(params, loss_fn, batch, key, num_data_shards),
             lambda: state,
         )
 

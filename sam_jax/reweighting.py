@@ -30,20 +30,88 @@ from sam_jax import perturbation
 LossesAt = Callable[[perturbation.Params], jax.Array]
 
 
+PROBES = ("forward_mode", "finite_difference")
+
+
 class InstanceReweighting(NamedTuple):
     """A rule that weights the examples of the ascent micro-batch.
 
     Attributes:
       name: the rule's name, for logs.
-      weights: `weights(losses_at, params, clean_losses, key, rho, present=None)
-        -> [a]`, the instance weights (summing to 1) given the per-example
-        losses l_i(w) of the ascent pass, a function evaluating the losses at
-        other weights, a PRNG key for the random perturbation and an optional
-        boolean mask [a] of the rows that are examples (absent rows get 0).
+      weights_along: `weights_along(losses_at, params, clean_losses, direction,
+        present=None) -> [a]`, the instance weights (summing to 1) given the
+        per-example losses l_i(w) of the ascent pass, a function evaluating the
+        losses at other weights, the step's random direction r (a tree like the
+        parameters, float32, ‖r‖ = ρ) and an optional boolean mask [a] of the rows
+        that are examples (absent rows get 0). `sam_gradient` draws r once per
+        step and calls this.
+      probe: how the rule reads the losses along r: ``"forward_mode"`` or
+        ``"finite_difference"`` (see `directional_derivatives`).
     """
 
     name: str
-    weights: Callable[..., jax.Array]
+    weights_along: Callable[..., jax.Array]
+    probe: str
+
+    def weights(self, losses_at, params, clean_losses, key, rho, present=None) -> jax.Array:
+        """The rule's weights with r drawn from `key` (‖r‖ = ρ), for analysis.
+
+        Example::
+
+          rule = sam_jax.delta_sam(eta=1e-4)
+          p = rule.weights(losses_at, params, losses_at(params), key, rho=0.05)
+        """
+        direction = perturbation.random_perturbation(key, params, rho)
+        return self.weights_along(losses_at, params, clean_losses, direction, present)
+
+
+class DirectionalDerivatives(NamedTuple):
+    """Per-example derivatives of the losses along a direction r.
+
+    Attributes:
+      slope: ∇l_i(w)·r, [a] float32.
+      curvature: rᵀ∇²l_i(w) r, [a] float32.
+    """
+
+    slope: jax.Array
+    curvature: jax.Array
+
+
+def directional_derivatives(losses_at: LossesAt, params, direction) -> DirectionalDerivatives:
+    """∇l_i·r and rᵀH_i r for every example, by forward-mode autodiff (jvp of jvp).
+
+    Unlike the finite differences l(w ± r), nothing cancels: in bfloat16, w ± r
+    rounds back to w wherever r's coordinates fall below bf16's spacing at |w|,
+    while the tangents r here are carried at their own scale. Costs about two to
+    three forward passes (one second-order forward pass) on the ascent batch.
+
+    Args:
+      losses_at: `losses_at(params) -> [a]`.
+      params: the point w.
+      direction: r, a tree like `params` (cast to each parameter's dtype).
+    """
+    tangent = jax.tree.map(lambda r, w: r.astype(w.dtype), direction, params)
+
+    def slope_at(p):
+        return jax.jvp(losses_at, (p,), (tangent,))[1]
+
+    try:
+        slope, curvature = jax.jvp(slope_at, (params,), (tangent,))
+    except (TypeError, NotImplementedError) as error:
+        if "custom_vjp" not in str(error) and "custom_lin" not in str(error):
+            raise
+        raise ValueError(
+            "probe='forward_mode' needs forward-mode derivatives of loss_fn, which "
+            "calls a jax.custom_vjp function (JAX cannot take its jvp). Give that "
+            "function a custom_jvp, or use probe='finite_difference' (the paper's rule; "
+            f"inexact when the model computes in bfloat16). JAX said: {error}"
+        ) from None
+    return DirectionalDerivatives(slope.astype(jnp.float32), curvature.astype(jnp.float32))
+
+
+def _check_probe(probe: str) -> None:
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {PROBES}, got {probe!r}.")
 
 
 def _masked(values: jax.Array, present: jax.Array | None) -> jax.Array:
@@ -120,17 +188,26 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be a number > 0, got {value!r}.")
 
 
-def delta_sam(eta: float = 1e-4) -> InstanceReweighting:
+def delta_sam(eta: float = 1e-4, probe: str = "forward_mode") -> InstanceReweighting:
     """δ-SAM instance weights, final version (Zhou et al. 2022, EMNLP Findings, Eq. 5).
 
     With one r ~ N(0, I) per step rescaled to ‖r‖ = ρ, and l_i(w) from the
-    ascent pass (all three passes share the dropout key)::
+    ascent pass (all passes share the dropout key)::
 
       g_i = |l_i(w+r) + l_i(w−r) − 2 l_i(w)| / max(|l_i(w+r) − l_i(w−r)|, η)
 
     i.e. curvature a_i‖∇l_i‖² over gradient magnitude ‖∇l_i‖, an estimate of
-    a_i‖∇l_i‖ (the paper's §4.2). Costs two extra forward passes (no backward)
-    on the ascent micro-batch.
+    a_i‖∇l_i‖ (the paper's §4.2). The numerator is rᵀH_i r + O(ρ⁴) and the
+    denominator's argument 2∇l_i·r + O(ρ³), which is how the default probe
+    computes them:
+
+    * ``probe="forward_mode"`` (default): g_i = |rᵀH_i r| / max(|2∇l_i·r|, η)
+      with exact directional derivatives (`directional_derivatives`). It
+      measures curvature in any precision: with bfloat16 compute the finite
+      differences below are mostly rounding (w ± r rounds back to w), and rank
+      the examples almost at random. One second-order forward pass.
+    * ``probe="finite_difference"``: the paper's formula, two extra forward
+      passes at w ± r. Use it to reproduce the paper bit for bit in float32.
 
     Example::
 
@@ -141,25 +218,31 @@ def delta_sam(eta: float = 1e-4) -> InstanceReweighting:
 
     Args:
       eta: η > 0, the floor of the denominator (paper grid 1e-4 … 1e-3).
+      probe: ``"forward_mode"`` or ``"finite_difference"``.
 
     Returns:
       An `InstanceReweighting` to pass as `sam(..., reweight=...)`.
     """
     _check_positive("eta", eta)
+    _check_probe(probe)
 
-    def weights(losses_at: LossesAt, params, clean_losses, key, rho, present=None):
-        r = perturbation.random_perturbation(key, params, rho)
-        clean = clean_losses.astype(jnp.float32)
-        plus = losses_at(perturbation.perturbed(params, r, +1.0)).astype(jnp.float32)
-        minus = losses_at(perturbation.perturbed(params, r, -1.0)).astype(jnp.float32)
-        curvature = jnp.abs(plus + minus - 2.0 * clean)
-        slope = jnp.maximum(jnp.abs(plus - minus), eta)
+    def weights_along(losses_at: LossesAt, params, clean_losses, direction, present=None):
+        if probe == "forward_mode":
+            derivatives = directional_derivatives(losses_at, params, direction)
+            curvature = jnp.abs(derivatives.curvature)
+            slope = jnp.maximum(jnp.abs(2.0 * derivatives.slope), eta)
+        else:
+            clean = clean_losses.astype(jnp.float32)
+            plus = losses_at(perturbation.perturbed(params, direction, +1.0)).astype(jnp.float32)
+            minus = losses_at(perturbation.perturbed(params, direction, -1.0)).astype(jnp.float32)
+            curvature = jnp.abs(plus + minus - 2.0 * clean)
+            slope = jnp.maximum(jnp.abs(plus - minus), eta)
         return normalize(curvature / slope, present)
 
-    return InstanceReweighting("delta_sam", weights)
+    return InstanceReweighting("delta_sam", weights_along, probe)
 
 
-def delta_sam_draft(beta: float = 3.0) -> InstanceReweighting:
+def delta_sam_draft(beta: float = 3.0, probe: str = "forward_mode") -> InstanceReweighting:
     """δ-SAM instance weights, draft version (Zhou et al. 2022, draft, Eq. 3–6).
 
     With one r ~ N(0, I) per step rescaled to ‖r‖ = ρ and N = |M|::
@@ -181,16 +264,22 @@ def delta_sam_draft(beta: float = 3.0) -> InstanceReweighting:
 
     Args:
       beta: β > 0, the mixing strength (paper grid 3, 5, 10, 20, 50, 70).
+      probe: ``"forward_mode"`` or ``"finite_difference"``.
 
     Returns:
       An `InstanceReweighting` to pass as `sam(..., reweight=...)`.
     """
     _check_positive("beta", beta)
+    _check_probe(probe)
 
-    def weights(losses_at: LossesAt, params, clean_losses, key, rho, present=None):
-        r = perturbation.random_perturbation(key, params, rho)
-        change = losses_at(perturbation.perturbed(params, r)).astype(jnp.float32)
-        change = _masked(change - clean_losses.astype(jnp.float32), present)
+    def weights_along(losses_at: LossesAt, params, clean_losses, direction, present=None):
+        if probe == "forward_mode":
+            derivatives = directional_derivatives(losses_at, params, direction)
+            change = derivatives.slope + 0.5 * derivatives.curvature
+        else:
+            plus = losses_at(perturbation.perturbed(params, direction)).astype(jnp.float32)
+            change = plus - clean_losses.astype(jnp.float32)
+        change = _masked(change, present)
         num_examples = _count(change, present)
         mean_change = jnp.mean(change) if present is None else jnp.sum(change) / num_examples
         g = normalize(jnp.abs(change), present)
@@ -200,4 +289,4 @@ def delta_sam_draft(beta: float = 3.0) -> InstanceReweighting:
         mixed = _masked((g - 1.0 / num_examples) * scale + 1.0 / num_examples, present)
         return jnp.where(valid, mixed, uniform(change.shape[0], present))
 
-    return InstanceReweighting("delta_sam_draft", weights)
+    return InstanceReweighting("delta_sam_draft", weights_along, probe)

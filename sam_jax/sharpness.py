@@ -13,15 +13,24 @@ import jax
 import jax.numpy as jnp
 
 from sam_jax import batching
-from sam_jax import per_instance
 from sam_jax import perturbation
+
+
+def _example_loss_fn(loss_fn, example, key):
+    """l_i(·) for one example: `loss_fn` on a batch of one, as a scalar function."""
+
+    def loss(params):
+        one = batching.single_example(example)
+        return batching.per_example_losses(loss_fn, params, one, key)[0]
+
+    return loss
 
 
 def _instance_losses(loss_fn, params, batch, rho, key):
     """(l_i(w), l_i(w + ε_i)) for every example i, with its own ε_i (vmap)."""
 
     def example_losses(example):
-        loss = per_instance.example_loss_fn(loss_fn, example, key)
+        loss = _example_loss_fn(loss_fn, example, key)
         clean, grads = jax.value_and_grad(loss)(params)
         eps = perturbation.ascent_perturbation(grads, params, rho)
         return clean, loss(perturbation.perturbed(params, eps.epsilon))

@@ -283,7 +283,7 @@ class Trainer:
         """(mean loss, gradient of the mean loss), accumulated over the microbatches."""
 
         def microbatch_gradient(microbatch, index):
-            microbatch_key = batching.microbatch_key(key, index, self.num_microbatches)
+            microbatch_key = batching.piece_key(key, index, self.num_microbatches)
 
             def mean_loss(p):
                 return jnp.mean(self.loss_fn(p, microbatch, microbatch_key))

@@ -1,5 +1,6 @@
 """Tests for sam_jax.batching: ascent micro-batch sizes and slices."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -47,11 +48,6 @@ def test_batch_size_rejects_mismatched_leading_dims():
         batching.batch_size({"a": jnp.zeros((4, 2)), "b": jnp.zeros((5,))})
 
 
-def test_split_groups_rejects_m_not_dividing_batch():
-    with pytest.raises(ValueError, match="sharpness_m=3"):
-        batching.split_groups(jnp.zeros((8, 2)), 3)
-
-
 def test_per_example_losses_rejects_a_scalar_loss():
     def mean_loss(params, batch, key):
         del params, key
@@ -89,3 +85,27 @@ def test_ascent_microbatch_count(ascent, microbatch, shards, expected):
     count = batching.ascent_microbatch_count(ascent, microbatch, shards)
     assert count == expected
     assert (ascent // shards) % count == 0
+
+
+def test_microbatch_sums_accumulate_in_float32_and_keep_the_dtype():
+    ones = jnp.ones((300, 1), jnp.bfloat16)
+
+    def fn(piece, index):
+        del index
+        return jnp.sum(piece)  # 1.0 in bfloat16 per microbatch
+
+    total = batching.sum_over_microbatches(fn, ones, 300)
+    assert total.dtype == jnp.bfloat16
+    # A bfloat16 running sum stalls at 256 (its spacing there is 2 > 1).
+    assert float(total) == 300.0
+    stalled = jax.lax.fori_loop(0, 300, lambda i, s: s + jnp.bfloat16(1), jnp.bfloat16(0))
+    assert float(stalled) == 256.0
+
+
+def test_accumulate_microbatches_stacks_the_second_output():
+    batch = jnp.arange(8.0).reshape(8, 1)
+    total, stacked = batching.accumulate_microbatches(
+        lambda piece, index: (jnp.sum(piece), index), batch, 4, num_data_shards=2
+    )
+    assert float(total) == 28.0
+    np.testing.assert_array_equal(stacked, [0, 1, 2, 3])

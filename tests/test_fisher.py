@@ -56,20 +56,29 @@ def test_squared_batch_gradient_is_the_square_of_the_mean_gradient():
     np.testing.assert_allclose(scores["b"], np.mean(gb) ** 2, rtol=1e-5)
 
 
+def _np_mask(params, batch, sparsity, num_samples, estimator="empirical"):
+    """The expected mask as one flat vector in leaf order (b, then w), by numpy."""
+    w, b = reference.to_np(params)
+    x, y = reference.batch_np(batch)
+    mask_w, mask_b = reference.np_fisher_mask(w, b, x, y, sparsity, num_samples, estimator)
+    return np.concatenate([np.ravel(mask_b), mask_w])
+
+
 @pytest.mark.parametrize("estimator", fisher.FISHER_ESTIMATORS)
 def test_mask_keeps_the_top_fisher_coordinates(estimator):
     params, batch = reference.make_problem(num_examples=8, dim=9)
     mask = sam_jax.fisher_mask(sparsity=0.6, interval=10, num_samples=4, fisher=estimator)
     state = mask.update(mask.init(params), jnp.int32(0), params, reference.loss_fn, batch, None)
-    examples = jax.tree.map(lambda v: v[:4], batch)
-    if estimator == "empirical":
-        scores = fisher.empirical_fisher(reference.loss_fn, params, examples, None, 4)
-    else:
-        scores = fisher.squared_batch_gradient(reference.loss_fn, params, examples, None)
-    keep = round(0.4 * 10)
-    np.testing.assert_array_equal(_flat(state.mask), _flat(fisher.top_k_mask(scores, keep)))
-    assert _flat(state.mask).sum() == keep
+    # Numpy: F̂ on the first 4 examples, then the global top round(0.4 × 10) = 4.
+    expected = _np_mask(params, batch, 0.6, 4, estimator)
+    assert expected.sum() == 4
+    np.testing.assert_array_equal(_flat(state.mask), expected)
     np.testing.assert_allclose(state.density, 0.4)
+    # The data tells the alternatives apart: all 8 examples, or the other estimator,
+    # would give a different mask.
+    assert (_np_mask(params, batch, 0.6, 8, estimator) != expected).any()
+    other = next(e for e in fisher.FISHER_ESTIMATORS if e != estimator)
+    assert (_np_mask(params, batch, 0.6, 4, other) != expected).any()
 
 
 def test_mask_refreshes_at_step_zero_and_every_interval_only():
@@ -78,16 +87,19 @@ def test_mask_refreshes_at_step_zero_and_every_interval_only():
     update = jax.jit(lambda s, c, p: mask.update(s, c, p, reference.loss_fn, batch, None))
     state = mask.init(params)
     assert _flat(state.mask).all()
-    rng = np.random.default_rng(0)
+    held = _flat(state.mask)
+    rng = np.random.default_rng(1)  # a seed whose moves change the top-5 set every step
     for count in range(7):
         moved = jax.tree.map(lambda v: v + jnp.asarray(rng.normal(size=v.shape), v.dtype), params)
-        new_state = update(state, jnp.int32(count), moved)
+        state = update(state, jnp.int32(count), moved)
+        fresh = _np_mask(moved, batch, 0.5, 8)  # top round(0.5 × 10) = 5 of F̂ at `moved`
+        # Every refresh changes the mask, and a mask recomputed on a non-refresh step
+        # would differ from the held one: keeping and refreshing are told apart.
+        assert (fresh != held).any()
         if count % 3 == 0:
-            expected = mask.update(state, jnp.int32(0), moved, reference.loss_fn, batch, None)
-            np.testing.assert_array_equal(_flat(new_state.mask), _flat(expected.mask))
-        else:
-            np.testing.assert_array_equal(_flat(new_state.mask), _flat(state.mask))
-        state = new_state
+            held = fresh
+        np.testing.assert_array_equal(_flat(state.mask), held, err_msg=f"count={count}")
+        np.testing.assert_allclose(state.density, 0.5)
 
 
 @pytest.mark.parametrize(
@@ -109,5 +121,54 @@ def test_fisher_mask_rejects_bad_arguments(kwargs, match):
 def test_chunk_size_must_divide_the_examples():
     params, batch = reference.make_problem(num_examples=8)
     mask = sam_jax.fisher_mask(num_samples=8, chunk_size=3)
-    with pytest.raises(ValueError, match="chunk_size=3 must divide"):
+    with pytest.raises(ValueError, match="chunk_size=3 must be a multiple of num_data_shards=1"):
         mask.update(mask.init(params), jnp.int32(0), params, reference.loss_fn, batch, None)
+
+
+def test_fisher_samples_come_evenly_from_every_data_shard():
+    batch = {"x": jnp.arange(16)}
+    np.testing.assert_array_equal(fisher.fisher_samples(batch, 4, 4)["x"], [0, 4, 8, 12])
+    np.testing.assert_array_equal(fisher.fisher_samples(batch, 6, 2)["x"], [0, 1, 2, 8, 9, 10])
+    # At least one per shard; at most the batch.
+    np.testing.assert_array_equal(fisher.fisher_samples(batch, 1, 2)["x"], [0, 8])
+    assert fisher.fisher_samples(batch, 99, 1)["x"].shape == (16,)
+
+
+def test_a_sharded_refresh_uses_every_shards_samples():
+    params, batch = reference.make_problem(num_examples=8, dim=9, seed=1)
+    mask = sam_jax.fisher_mask(sparsity=0.6, num_samples=4)
+    state = mask.update(
+        mask.init(params), jnp.int32(0), params, reference.loss_fn, batch, None, num_data_shards=2
+    )
+    w, b = reference.to_np(params)
+    x, y = reference.batch_np(batch)
+    rows = np.r_[0:2, 4:6]  # the first two of each of the two shards
+    mask_w, mask_b = reference.np_fisher_mask(w, b, x[rows], y[rows], 0.6, num_samples=4)
+    np.testing.assert_array_equal(state.mask["w"], mask_w)
+    np.testing.assert_array_equal(state.mask["b"], mask_b)
+    first_four = reference.np_fisher_mask(w, b, x, y, 0.6, num_samples=4)[0]
+    assert not np.array_equal(mask_w, first_four)  # the rows matter
+
+
+def test_top_k_mask_counts_large_leaves_in_blocks_exactly(monkeypatch):
+    monkeypatch.setattr(fisher, "COUNT_BLOCK", 1000)  # force the blocked count
+    rng = np.random.default_rng(0)
+    scores = {  # few distinct values: many ties across and within leaves
+        "a": rng.integers(0, 20, size=(300, 70)).astype(np.float32),
+        "b": rng.integers(0, 20, size=(5, 6, 7)).astype(np.float32),
+        "c": rng.integers(0, 20, size=(500,)).astype(np.float32),
+    }
+    for k in (0, 1, 777, 12_345, 21_710):
+        mask = jax.jit(lambda s, k=k: fisher.top_k_mask(s, k))(scores)
+        flat = np.concatenate([v.ravel() for v in scores.values()])
+        expected = np.zeros(flat.size, bool)
+        expected[np.argsort(-flat, kind="stable")[:k]] = True  # ties: earlier position first
+        np.testing.assert_array_equal(_flat(mask), expected)
+
+
+def test_top_k_mask_needs_no_copy_of_the_scores():
+    scores = {"a": jax.ShapeDtypeStruct((4096, 1024), jnp.float32)}
+    compiled = jax.jit(lambda s: fisher.top_k_mask(s, 1000)).lower(scores).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    # XLA:CPU stores the comparisons it counts; one block of rows at a time.
+    assert temp <= 4 * fisher.COUNT_BLOCK + 2**16, temp

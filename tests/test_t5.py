@@ -322,13 +322,53 @@ def test_packed_segments_are_isolated(params):
 # ----------------------------------------------------------------------------------
 
 
+def _dot_general_dtypes(jaxpr):
+    """(operand dtypes, output shape) of every dot_general in a jaxpr, sub-jaxprs included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append((tuple(str(v.aval.dtype) for v in eqn.invars), eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            if isinstance(value, jax.extend.core.ClosedJaxpr):
+                found += _dot_general_dtypes(value.jaxpr)
+            elif isinstance(value, jax.extend.core.Jaxpr):
+                found += _dot_general_dtypes(value)
+    return found
+
+
 def test_bfloat16_activations_give_finite_float32_logits(params):
     config = t5.t5_1_1_config("tiny", vocab_size=VOCAB, dtype=jnp.bfloat16)
-    logits = _forward(config, params, *_random_batch(2))
-    reference = _forward(CONFIG, params, *_random_batch(2))
+    batch = _random_batch(2)
+    logits = _forward(config, params, *batch)
+    reference = np.asarray(_forward(CONFIG, params, *batch), np.float64)
     assert logits.dtype == jnp.float32
     assert np.isfinite(logits).all()
-    np.testing.assert_allclose(logits, reference, atol=0.15 * np.abs(reference).max())
+    # bfloat16 keeps 8 significant bits: unit roundoff u = 2⁻⁸ ≈ 0.0039 per rounding. The
+    # tiny model rounds activations ~50 times along a path (casts, projections, attention,
+    # MLP, residual adds over 2 + 2 layers); independent roundings of RMS u/√3 add up to
+    # about √50·u/√3 ≈ 4u ≈ 1.6 %. Measured on 4 batches: RMS error / RMS logit 2.0–2.4 %
+    # (this batch 2.3 %), max |error| 0.10–0.14 on logits of std 1.0 (max |logit| 3.6–4.0),
+    # argmax agreement 92–98 %, correlation > 0.9997. The old bound, 15 % of the largest
+    # logit (≈ 0.55), was 4× the largest error. Bounds: 10u relative RMS, a third of the
+    # logits' spread for any single logit, and an error of at least u/4 (else the
+    # activations were not rounded to bfloat16 at all).
+    error = np.asarray(logits, np.float64) - reference
+    relative_rms = np.linalg.norm(error) / np.linalg.norm(reference)
+    u = 2.0**-8
+    assert u / 4 < relative_rms < 10 * u, relative_rms
+    assert np.abs(error).max() < reference.std() / 3, np.abs(error).max()
+    assert np.mean(logits.argmax(-1) == reference.argmax(-1)) > 0.8
+    # Every layer computes in bfloat16: all matrix products take bfloat16 operands (q, k,
+    # v, out, q·k and weights·v per attention; wi_0, wi_1, wo per MLP), except the float32
+    # vocabulary head.
+    jaxpr = jax.make_jaxpr(
+        lambda p, *b: t5.Transformer(config).apply({"params": p}, *b, enable_dropout=False)
+    )(params, *batch).jaxpr
+    products = _dot_general_dtypes(jaxpr)
+    head = [shape for dtypes, shape in products if dtypes != ("bfloat16", "bfloat16")]
+    assert head == [logits.shape]
+    per_layer = (6 + 3) * config.num_encoder_layers + (6 + 6 + 3) * config.num_decoder_layers
+    assert len(products) == per_layer + 1
     abstract = jax.eval_shape(functools.partial(t5.init_variables, config), jax.random.key(0))
     assert {leaf.dtype for leaf in jax.tree.leaves(abstract)} == {jnp.dtype(jnp.float32)}
 

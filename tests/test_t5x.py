@@ -251,7 +251,7 @@ def test_packed_example_losses_equal_the_unpacked_examples_losses(initialize):
     padded = next(cbqa_dataset(pack=False, num_examples=num_examples).batch(64).as_numpy_iterator())
     assert packed["decoder_segment_ids"].max() >= 2
 
-    losses_of = jax.jit(lambda p, b: per_example.example_losses(model, p, b, None))
+    losses_of = jax.jit(lambda p, b: per_example.example_losses(model, p, b, None)[0])
     packed_losses = np.asarray(losses_of(params, packed))
     padded_losses = np.asarray(losses_of(params, padded))
     present = np.asarray(per_example.example_token_counts(packed)) > 0
@@ -397,10 +397,16 @@ def test_gin_include_trains_sam_and_first_step_is_hand_computed_sam(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), trained, expected
     )
     assert metrics["sam/rho"] == pytest.approx(rho)
-    assert metrics["sam/grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+    # The examples are the packed segments of the 8 ascent rows; sam/grad_norm is
+    # the norm of their mean loss's gradient, and their weights are uniform.
+    segments = arguments[2]["decoder_segment_ids"]
+    num_examples = sum(len(set(row[row > 0])) for row in segments)
+    assert num_examples > 8
+    assert metrics["sam/grad_norm"] == pytest.approx(grad_norm / num_examples, rel=1e-4)
     assert metrics["sam/perturbation_norm"] == pytest.approx(rho, rel=1e-4)
     assert metrics["learning_rate"] == pytest.approx(LEARNING_RATE)
-    assert metrics["sam/weight_min"] == pytest.approx(1 / 8)  # uniform over 8 rows
+    assert metrics["sam/weight_min"] == pytest.approx(1 / num_examples)
+    assert metrics["sam/weight_max"] == pytest.approx(1 / num_examples)
     assert all(name in metrics for name in SAM_METRICS)
 
 
@@ -526,6 +532,80 @@ def test_delta_sam_draft_on_packed_batches_equals_the_unpacked_examples(initiali
             assert packed_metrics[name] == pytest.approx(unpacked_metrics[name], rel=1e-4), name
 
 
+def _unpacked_batch(num_rows):
+    batch = next(
+        cbqa_dataset(pack=False, num_examples=num_rows).batch(num_rows).as_numpy_iterator()
+    )
+    return {k: np.asarray(v) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize("variant", ["delta_sam", "asam"])
+def test_delta_sam_and_asam_first_steps_are_hand_computed(initialize, partitioner, variant):
+    """One SGD step (lr 1) against the paper's formulas on the model's own per-row losses."""
+    rho, eta, adaptive_eta = 0.5, 1e-4, 0.01
+    batch = _unpacked_batch(16)  # rows are examples; 4 per data shard
+    if variant == "delta_sam":
+        options = dict(rho=rho, reweight=sam_jax.delta_sam(eta))  # forward-mode probe
+    else:
+        options = dict(rho=rho, adaptive=True, adaptive_eta=adaptive_eta)
+    metrics, step, _ = first_step(
+        dict(options, num_microbatches=None), optimizers.sgd(1.0), initialize, partitioner, batch
+    )
+    _, state, _ = initialize(optimizers.sgd(1.0))
+    model = make_model(optimizers.sgd(1.0), dropout_rate=0.0)
+    params = host(state.params)
+
+    def row_loss(params, row):  # l_i: the model's summed loss on row i alone
+        return model.loss_fn(params, {k: v[row : row + 1] for k, v in batch.items()}, None)[0]
+
+    rows = range(16)
+    # The step's random direction r (drawn by sam_jax.perturbation, tested on its own).
+    dropout_rng = jax.random.fold_in(jax.random.PRNGKey(1), 0)
+    r = sam_jax.perturbation.random_perturbation(
+        sam_jax.core.reweight_key(dropout_rng), params, jnp.float32(rho)
+    )
+
+    def reference_gradient(params, r):
+        if (
+            variant == "delta_sam"
+        ):  # Eq. 5 with l(w+r) + l(w−r) − 2l(w) → rᵀHr, l(w+r) − l(w−r) → 2∇l·r
+            with per_example.forward_differentiable_cross_entropy():  # jvp through T5X's loss
+
+                def slope(params, i):
+                    return jax.jvp(lambda p: row_loss(p, i), (params,), (r,))[1]
+
+                derivatives = [jax.jvp(lambda p, i=i: slope(p, i), (params,), (r,)) for i in rows]
+            first, second = (jnp.stack(d) for d in zip(*derivatives, strict=True))
+            scores = jnp.abs(second) / jnp.maximum(jnp.abs(2 * first), eta)
+            weights = scores / jnp.sum(scores)
+        else:
+            weights = jnp.full(16, 1 / 16)
+
+        def weighted(params):
+            return sum(weights[i] * row_loss(params, i) for i in rows)
+
+        g = jax.grad(weighted)(params)
+        if variant == "delta_sam":
+            norm = jnp.sqrt(sum(jnp.sum(x**2) for x in jax.tree.leaves(g)))
+            eps = jax.tree.map(lambda x: rho * x / norm, g)
+        else:  # ASAM: ε = ρ T² g / ‖T g‖, T = |w| + η
+            t = jax.tree.map(lambda w: jnp.abs(w) + adaptive_eta, params)
+            norm = jnp.sqrt(
+                sum(jnp.sum((a * b) ** 2) for a, b in zip(*map(jax.tree.leaves, (t, g))))
+            )
+            eps = jax.tree.map(lambda a, x: rho * a * a * x / norm, t, g)
+        adversarial = jax.tree.map(jnp.add, params, eps)
+        descent = jax.grad(lambda p: sum(row_loss(p, i) for i in rows))(adversarial)
+        return descent, weights
+
+    descent, weights = host(compile_fast(reference_gradient, params, r)(params, r))
+    assert_trees_close(step, jax.tree.map(np.negative, descent), rtol=0, atol_fraction=1e-5)
+    assert metrics["sam/weight_min"] == pytest.approx(weights.min(), rel=1e-4)
+    assert metrics["sam/weight_max"] == pytest.approx(weights.max(), rel=1e-4)
+    if variant == "delta_sam":
+        assert weights.max() > 2 * weights.min()  # not uniform: the rule acts
+
+
 def test_delta_sam_rejects_a_loss_normalizer_that_depends_on_the_weights(initialize, partitioner):
     _, state, axes = initialize(adafactor_optimizer())
     model = make_model(adafactor_optimizer(), loss_normalizing_factor="AVERAGE_PER_SEQUENCE")
@@ -591,12 +671,16 @@ def test_fisher_mask_with_microbatches_and_m_sharpness_is_hand_computed_fsam(
         rows = np.asarray(rows)
         return model.loss_fn(params, {k: v[rows] for k, v in batch.items()}, None)[0]
 
-    # The mask, by hand: the top 25% of the mean squared per-row gradient on the
-    # first `num_samples` rows, over all parameters at once.
+    # The mask, by hand: the top 25% of the mean squared per-row gradient on
+    # `num_samples` rows, the first num_samples / DATA_SHARDS of every data shard,
+    # over all parameters at once.
+    per_shard = BATCH_SIZE // DATA_SHARDS
+    fisher_rows = [
+        d * per_shard + i for d in range(DATA_SHARDS) for i in range(num_samples // DATA_SHARDS)
+    ]
+
     def fisher(params):
-        squares = [
-            jax.tree.map(jnp.square, jax.grad(loss)(params, [i])) for i in range(num_samples)
-        ]
+        squares = [jax.tree.map(jnp.square, jax.grad(loss)(params, [i])) for i in fisher_rows]
         return jax.tree.map(lambda *s: sum(s) / num_samples, *squares)
 
     total = sum(w.size for w in jax.tree.leaves(params))
@@ -882,8 +966,10 @@ def test_t5x_train_finetunes_with_a_sam_include(
     assert np.isfinite(summary["loss"]) and summary["sam/perturbed_loss"] > 0
     assert summary["sam/rho"] == pytest.approx(rho)
     assert summary["sam/mask_density"] == 1.0
-    if sam_gin == "sam.gin":  # ¼ of each data shard's 2 rows: 1 row per shard, uniform
-        assert summary["sam/weight_min"] == summary["sam/weight_max"] == pytest.approx(1 / 4)
+    if sam_gin == "sam.gin":  # ¼ of each shard's 2 rows: 4 packed rows' examples, uniform
+        assert summary["sam/weight_min"] == pytest.approx(summary["sam/weight_max"])
+        examples = 1 / summary["sam/weight_max"]
+        assert examples == pytest.approx(round(examples)) and round(examples) >= 4
     else:  # every packed example weighted on its own
         assert summary["sam/weight_max"] > summary["sam/weight_min"] >= 0
 
