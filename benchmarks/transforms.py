@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import optax
 from absl import app
 from absl import flags
-from harness import amortized
 from harness import Cost
+from harness import amortized
 from harness import compiled_cost
 from harness import print_table
 from harness import refresh_cost
@@ -162,63 +162,35 @@ def build_variants(model, params):
         opaque_mode=True,
     )
     small = f"AdamW (batch {_PER_INSTANCE_BATCH.value})"
-    specs = [
-        ("AdamW", adamw, batch, True, "AdamW"),
-        ("optax.contrib.sam", contrib, batch, False, "AdamW"),
-        ("SAM f=1", sam_jax.sam(adamw, rho=rho), batch, False, "AdamW"),
-        ("SAM f=1/4", sam_jax.sam(adamw, **quarter), batch, False, "AdamW"),
-        (
-            "δ-SAM f=1/4",
-            sam_jax.sam(adamw, **quarter, reweight=sam_jax.delta_sam(1e-4)),
-            batch,
-            False,
-            "AdamW",
-        ),
-        (
-            "δ-SAM draft f=1/4",
-            sam_jax.sam(adamw, **quarter, reweight=sam_jax.delta_sam_draft(3.0)),
-            batch,
-            False,
-            "AdamW",
-        ),
-        (
-            "δ-SAM f=1/4 finite diff.",
-            sam_jax.sam(adamw, **quarter, reweight=sam_jax.delta_sam(1e-4, "finite_difference")),
-            batch,
-            False,
-            "AdamW",
-        ),
-        ("FSAM f=1/4", sam_jax.sam(adamw, **quarter, mask=fisher), batch, False, "AdamW"),
-        ("ASAM f=1", sam_jax.sam(adamw, rho=0.5, adaptive=True), batch, False, "AdamW"),
-        ("SAM m=4 parallel", sam_jax.sam(adamw, rho=rho, sharpness_m=4), batch, False, "AdamW"),
-        (
-            "SAM m=4 serial",
-            sam_jax.sam(adamw, rho=rho, sharpness_m=4, parallel_groups=1),
-            batch,
-            False,
-            "AdamW",
-        ),
-        ("AdamW bf16", adamw, batch, True, "AdamW bf16"),
-        ("SAM f=1/4 bf16", sam_jax.sam(adamw, **quarter), batch, False, "AdamW bf16"),
-        (
-            "δ-SAM f=1/4 bf16",
-            sam_jax.sam(adamw, **quarter, reweight=sam_jax.delta_sam(1e-4)),
-            batch,
-            False,
-            "AdamW bf16",
-        ),
-        (
-            "δ-SAM f=1/4 bf16 finite diff.",
-            sam_jax.sam(adamw, **quarter, reweight=sam_jax.delta_sam(1e-4, "finite_difference")),
-            batch,
-            False,
-            "AdamW bf16",
-        ),
-        (small, adamw, small_batch, True, small),
-        ("per-instance SAM", sam_jax.per_instance_sam(adamw, rho), small_batch, False, small),
+
+    def sam(**options):
+        return sam_jax.sam(adamw, **options)
+
+    delta = sam_jax.delta_sam(1e-4)
+    difference = sam_jax.delta_sam(1e-4, probe="finite_difference")
+    draft = sam_jax.delta_sam_draft(3.0)
+    f32, bf16 = ("AdamW", batch), ("AdamW bf16", batch)  # (baseline, batch)
+    specs = [  # (name, transform, plain, (baseline, batch))
+        ("AdamW", adamw, True, f32),
+        ("optax.contrib.sam", contrib, False, f32),
+        ("SAM f=1", sam(rho=rho), False, f32),
+        ("SAM f=1/4", sam(**quarter), False, f32),
+        ("δ-SAM f=1/4", sam(**quarter, reweight=delta), False, f32),
+        ("δ-SAM draft f=1/4", sam(**quarter, reweight=draft), False, f32),
+        ("δ-SAM f=1/4 finite diff.", sam(**quarter, reweight=difference), False, f32),
+        ("FSAM f=1/4", sam(**quarter, mask=fisher), False, f32),
+        ("ASAM f=1", sam(rho=0.5, adaptive=True), False, f32),
+        ("SAM m=4 parallel", sam(rho=rho, sharpness_m=4), False, f32),
+        ("SAM m=4 serial", sam(rho=rho, sharpness_m=4, parallel_groups=1), False, f32),
+        ("AdamW bf16", adamw, True, bf16),
+        ("SAM f=1/4 bf16", sam(**quarter), False, bf16),
+        ("δ-SAM f=1/4 bf16", sam(**quarter, reweight=delta), False, bf16),
+        ("δ-SAM f=1/4 bf16 finite diff.", sam(**quarter, reweight=difference), False, bf16),
+        (small, adamw, True, (small, small_batch)),
+        ("per-instance SAM", sam_jax.per_instance_sam(adamw, rho), False, (small, small_batch)),
     ]
     variants = {}
-    for name, tx, data, plain, baseline in specs:
+    for name, tx, plain, (baseline, data) in specs:
         step_loss_fn = bf16_loss_fn if "bf16" in name else loss_fn
         variant = compile_variant(name, tx, params, data, step_loss_fn, plain, baseline)
         if name.startswith("FSAM"):
@@ -254,9 +226,7 @@ def per_step(variant):
     if variant.refresh_state is not None:
         seconds = amortized(seconds, statistics.median(variant.refresh_times), FSAM_INTERVAL)
         ordinary = Cost(*(c - r for c, r in zip(cost, variant.refresh_cost, strict=True)))
-        cost = Cost(
-            *(amortized(o, c, FSAM_INTERVAL) for o, c in zip(ordinary, cost, strict=True))
-        )
+        cost = Cost(*(amortized(o, c, FSAM_INTERVAL) for o, c in zip(ordinary, cost, strict=True)))
     return seconds, cost
 
 
@@ -264,7 +234,8 @@ def report(variants, param_bytes):
     rows = []
     for variant in variants.values():
         seconds, cost = per_step(variant)
-        base_seconds, base_cost = per_step(variants[variant.baseline])
+        base = variants[variant.baseline]
+        base_seconds, base_cost = per_step(base)
         rows.append(
             (
                 variant.name,
@@ -272,7 +243,7 @@ def report(variants, param_bytes):
                 f"{seconds / base_seconds:.2f}",
                 f"{cost.flops / base_cost.flops:.2f}",
                 f"{cost.bytes_accessed / base_cost.bytes_accessed:.2f}",
-                f"{(variant.temp_bytes - variants[variant.baseline].temp_bytes) / param_bytes:+.2f}",
+                f"{(variant.temp_bytes - base.temp_bytes) / param_bytes:+.2f}",
             )
         )
     header = (

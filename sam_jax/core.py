@@ -298,12 +298,12 @@ def ascent_gradient(step: StepContext, ascent_batch, key, count: int):
     return grads, clean_losses, weights, present
 
 
-def _loss_sum_and_count(step: StepContext, losses, batch):
-    """Σ of the losses of the examples present, and how many there are (float32)."""
+def _loss_sum_and_count(losses, present):
+    """Σ of the losses of the examples present (all if `present` is None), and their count."""
     losses = losses.astype(jnp.float32).reshape(-1)
-    if step.present_of is None:
+    if present is None:
         return jnp.sum(losses), jnp.float32(losses.size)
-    present = step.present_of(batch).reshape(-1)
+    present = present.reshape(-1)
     return jnp.sum(jnp.where(present, losses, 0.0)), jnp.sum(present, dtype=jnp.float32)
 
 
@@ -323,7 +323,8 @@ def descent_gradient(step: StepContext, group, key, adversarial_params):
             return jnp.mean(losses), (losses, aux)
 
         (_, (losses, aux)), grads = jax.value_and_grad(mean_loss, has_aux=True)(adversarial_params)
-        return (grads, _loss_sum_and_count(step, losses, piece)), aux
+        present = None if step.present_of is None else step.present_of(piece)
+        return (grads, _loss_sum_and_count(losses, present)), aux
 
     (grad_sum, (loss_sum, examples)), aux = batching.accumulate_microbatches(
         piece_gradient, group, count, step.config.num_data_shards
@@ -350,14 +351,10 @@ def group_gradient(step: StepContext, group, key):
     )
     adversarial_params = perturbation.perturbed(step.params, eps.epsilon)
     descent, perturbed_loss, aux = descent_gradient(step, group, key, adversarial_params)
-    clean = clean_losses.astype(jnp.float32)
-    if present is None:
-        clean_loss = jnp.mean(clean)
-    else:
-        clean_loss = jnp.sum(jnp.where(present, clean, 0.0)) / jnp.maximum(jnp.sum(present), 1)
+    clean_sum, examples = _loss_sum_and_count(clean_losses, present)
     spread = reweighting.statistics(weights, present)
     metrics = SamMetrics(
-        clean_loss=clean_loss,
+        clean_loss=clean_sum / jnp.maximum(examples, 1.0),
         perturbed_loss=perturbed_loss,
         grad_norm=eps.grad_norm,
         perturbation_norm=eps.norm,
@@ -479,11 +476,9 @@ def sam_gradient(
             key,
             num_data_shards=config.num_data_shards,
         )
-        # The refresh's temporaries (a Fisher estimate, per-example gradients)
-        # are freed before the SAM passes start: they may not overlap. The
-        # barrier is not enough on XLA:CPU (see `fisher.after_refresh`): the
-        # passes read the parameters through a data dependency on the mask.
-        mask_state, params = jax.lax.optimization_barrier((mask_state, params))
+        # The SAM passes read the parameters through a data dependency on the
+        # refreshed mask, so that nothing of theirs is live during the refresh
+        # (see `fisher.after_refresh`).
         params = fisher.after_refresh(params, mask_state)
         step = step._replace(params=params, coordinate_mask=mask_state.mask)
         density = mask_state.density

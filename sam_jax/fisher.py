@@ -169,17 +169,8 @@ def top_k_mask(scores: optax.Params, k: int) -> optax.Params:
     leaves = [s if s.dtype == jnp.float32 else s.astype(jnp.float32) for s in leaves]
 
     def leaf_counts(predicate_of):
-        """[Σ predicate_of(l)(values, positions) over leaf l], leaf after leaf.
-
-        The barrier orders the leaves, so one leaf's temporaries are freed
-        before the next leaf's count starts.
-        """
-        counts, total = [], jnp.int32(0)
-        for index, s in enumerate(leaves):
-            total, s = jax.lax.optimization_barrier((total, s))
-            counts.append(_count(predicate_of(index), s))
-            total = total + counts[-1]
-        return jnp.stack(counts)
+        """[Σ predicate_of(l)(values, before) over leaf l] for every leaf l."""
+        return jnp.stack([_count(predicate_of(index), s) for index, s in enumerate(leaves)])
 
     def count(predicate):
         return jnp.sum(leaf_counts(lambda _: predicate))
@@ -223,11 +214,11 @@ def after_refresh(tree, state: FisherMaskState):
     A data dependency that orders what reads `tree` after the mask's refresh.
     `jax.lax.optimization_barrier` does not do it on XLA:CPU: the barrier is
     expanded away (replaced by its operands) before scheduling, and the
-    concurrency-optimised scheduler then starts every computation that needs
-    only the parameters (e.g. the SAM passes' bf16 casts, a float32 copy of
-    the weights on CPU) at the beginning, so they would be live during the
-    refresh. The dependency is an elementwise select on a never-true
-    predicate of the refreshed density (≥ 0), which fuses into its readers.
+    scheduler then starts what needs only the parameters, such as the SAM
+    passes' bf16 casts of the weights (on CPU a float32 copy of them, about
+    one parameter copy), before the refresh, so they are live during it. The
+    dependency is an elementwise select on a never-true predicate of the
+    refreshed density (≥ 0), which XLA fuses into the readers.
     """
     never = state.density < 0
     return jax.tree.map(lambda x: jnp.where(never, jnp.zeros_like(x), x), tree)
