@@ -1,31 +1,44 @@
 #!/usr/bin/env bash
-# launch_tpu.sh: create, provision and drive sam_jax training on a Cloud TPU VM
-# (single host or pod slice) through `gcloud compute tpus tpu-vm`.
+# launch_tpu.sh: create, provision and drive sam_jax (or T5X) training on a Cloud
+# TPU VM (single host or pod slice) through `gcloud compute tpus tpu-vm`, or
+# `gcloud compute tpus queued-resources` for the TPU itself with QUEUED=1.
 # The usage text is in usage() directly below; `./launch_tpu.sh help` prints it.
 set -euo pipefail
 
 PROG=${0##*/}
+# T5X is not on PyPI; `setup` with T5X=1 installs it from its repository.
+T5X_URL=git+https://github.com/google-research/t5x
 
 usage() {
   cat <<EOF
 Usage: $PROG [--dry-run] COMMAND [ARGS]
 
-Drive sam_jax training on a Cloud TPU VM (single host or pod slice) through
-'gcloud compute tpus tpu-vm'. Commands act on every worker unless noted.
+Drive sam_jax (or T5X) training on a Cloud TPU VM (single host or pod slice)
+through 'gcloud compute tpus tpu-vm' (and 'gcloud compute tpus queued-resources'
+with QUEUED=1). Commands act on every worker unless noted.
 
 Commands:
-  create             create the TPU VM (Spot with SPOT=1, preemptible with PREEMPTIBLE=1)
+  create             create the TPU VM (Spot with SPOT=1, preemptible with PREEMPTIBLE=1);
+                     with QUEUED=1, request it as a queued resource instead
+  status             describe the TPU VM; with QUEUED=1, the queued resource (its
+                     state: WAITING_FOR_RESOURCES, PROVISIONING, ACTIVE, FAILED, ...)
   sync               copy the git-tracked files of this repository (with uncommitted
                      edits) into REPO_DIR on every worker; git add new files first;
                      files deleted here are not deleted on the workers
   setup              create VENV if absent, pip install -U pip, pip install -e ".[tpu]"
-                     in REPO_DIR; safe to re-run
+                     in REPO_DIR; with T5X=1, then pip install T5X (not on PyPI)
+                     from $T5X_URL; safe to re-run
   run -- ARGS...     start 'python -m sam_jax.train --gin.MODEL_DIR=\$BUCKET/\$RUN_NAME ARGS...'
-                     with nohup on every worker; log: ~/logs/\$RUN_NAME.<hostname>.log
+                     with nohup on every worker; log: ~/logs/\$RUN_NAME.<hostname>.log;
+                     with TRAINER=t5x, 'python -m t5x.train --gin.MODEL_DIR=...
+                     --gin_search_paths=REPO_DIR ARGS...' (so --gin_file=gin/t5x/sam.gin
+                     resolves; a --gin_search_paths in ARGS replaces it)
   logs [--worker=N]  follow the training log of worker N (default 0)
-  kill               stop training on every worker and free the TPU (kill whatever
-                     still holds /dev/accel* or /dev/vfio/*, remove /tmp/libtpu_lockfile)
-  delete             delete the TPU VM
+  kill               stop training (sam_jax.train or t5x.train) on every worker and free
+                     the TPU (kill whatever still holds /dev/accel* or /dev/vfio/*,
+                     remove /tmp/libtpu_lockfile)
+  delete             delete the TPU VM; with QUEUED=1, delete the queued resource
+                     with --force, which deletes its TPU VM first
   help               print this text
 
 Options (before COMMAND):
@@ -36,26 +49,43 @@ Environment (a command needs only the variables it uses):
   TPU_NAME          name of the TPU VM                                 all commands
   ZONE              the TPU's zone, e.g. us-central2-b                 all commands
   PROJECT           Google Cloud project ID                            all commands
-  ACCELERATOR_TYPE  TPU type and size, e.g. v4-32                      create
-  RUNTIME_VERSION   TPU VM software version, e.g. tpu-ubuntu2204-base  create
+  ACCELERATOR_TYPE  TPU type and size, e.g. v4-32, v5litepod-16,       create
+                    v5p-8, v6e-8
   BUCKET            GCS bucket for checkpoints, e.g. gs://my-bucket    run
   RUN_NAME          run name (letters, digits, . _ -); MODEL_DIR is    run, logs
                     \$BUCKET/\$RUN_NAME
 Optional:
+  RUNTIME_VERSION   TPU VM software version; by default Cloud TPU's version for
+                    the generation in ACCELERATOR_TYPE: tpu-ubuntu2204-base for
+                    v2, v3, v4; v2-alpha-tpuv5-lite for v5e (v5litepod-*);
+                    v2-alpha-tpuv5 for v5p; v2-alpha-tpuv6e for v6e
+  QUEUED=1          create, status and delete act on a queued resource, which waits
+                    in Cloud TPU's queue until capacity is free instead of failing
+                    (Google's recommended way, above all for Spot). Opt-in: create
+                    then returns before the TPU VM exists (run status until ACTIVE
+                    before sync), and delete must know which kind to delete.
+  QUEUED_RESOURCE   queued resource ID (default \$TPU_NAME; the TPU VM is \$TPU_NAME)
+  SPOT=1, PREEMPTIBLE=1   create a Spot / preemptible TPU (queued resources: Spot only)
+  TRAINER           trainer that run starts: sam_jax (default) or t5x
+  T5X=1             setup also installs T5X into VENV
   REPO_DIR          repository on the workers (default ~/sam_jax; write '~/...'
                     in quotes so that ~ means the home directory on the TPU)
   VENV              virtualenv on the workers (default ~/sam_jax_venv)
   PYTHON            interpreter for a new VENV (default python3.11; setup installs
                     PYTHON and PYTHON-venv with apt-get if the venv cannot be made)
-  SPOT=1, PREEMPTIBLE=1   create a Spot / preemptible TPU
   DRY_RUN=1         same as --dry-run
 
-Example:
+Example (the TPU as a queued Spot resource, then a sam_jax and a T5X run):
   export TPU_NAME=sam-v4 ZONE=us-central2-b PROJECT=my-project ACCELERATOR_TYPE=v4-32 \\
-         RUNTIME_VERSION=tpu-ubuntu2204-base BUCKET=gs://my-bucket RUN_NAME=finetune-1
-  $PROG create && $PROG sync && $PROG setup
+         BUCKET=gs://my-bucket RUN_NAME=finetune-1 QUEUED=1 SPOT=1
+  $PROG create && $PROG status     # repeat status until state is ACTIVE
+  $PROG sync && T5X=1 $PROG setup
   $PROG run -- --gin_file=gin/runs/finetune.gin --gin.TRAIN_STEPS=10
   $PROG logs
+  $PROG kill && TRAINER=t5x RUN_NAME=t5x-sam $PROG run -- \\
+      --gin_file=t5x/examples/t5/t5_1_1/small.gin --gin_file=t5x/configs/runs/finetune.gin \\
+      --gin_file=gin/t5x/sam.gin ...
+  $PROG delete
 EOF
 }
 
@@ -81,7 +111,6 @@ describe() {  # what each required variable is for (used in error messages)
     ZONE) echo "the TPU's zone, e.g. us-central2-b" ;;
     PROJECT) echo "the Google Cloud project ID" ;;
     ACCELERATOR_TYPE) echo "the TPU type and size, e.g. v4-32" ;;
-    RUNTIME_VERSION) echo "the TPU VM software version, e.g. tpu-ubuntu2204-base" ;;
     BUCKET) echo "the GCS bucket for checkpoints, e.g. gs://my-bucket" ;;
     RUN_NAME) echo "the run name; MODEL_DIR is \$BUCKET/\$RUN_NAME, e.g. finetune-1" ;;
     *) echo "required" ;;
@@ -161,6 +190,43 @@ gcloud_tpu() {  # gcloud_tpu VERB ARG...: a gcloud tpu-vm command on $TPU_NAME
     --zone="$ZONE" --project="$PROJECT" "$@"
 }
 
+# Queued resources (QUEUED=1). gcloud syntax, as documented in the gcloud
+# reference (cloud.google.com/sdk/gcloud/reference/compute/tpus/queued-resources/
+# create, describe, delete) and the Cloud TPU guides "Manage queued resources"
+# (cloud.google.com/tpu/docs/queued-resources) and "Manage TPU Spot VMs"
+# (cloud.google.com/tpu/docs/spot):
+#   queued-resources create QUEUED_RESOURCE --node-id=NODE_ID --zone=ZONE
+#       --accelerator-type=TYPE --runtime-version=VERSION [--spot] ...
+#     (its synopsis has --spot, --guaranteed, --reserved, but no --preemptible)
+#   queued-resources describe QUEUED_RESOURCE --zone=ZONE
+#   queued-resources delete QUEUED_RESOURCE --zone=ZONE [--async] [--force]
+#     (--force deletes the queued resource's TPU VM first; without it the
+#     deletion fails while the TPU VM exists)
+# The TPU VM a queued resource creates is the node NODE_ID = $TPU_NAME, which
+# sync/setup/run/logs/kill reach with `gcloud compute tpus tpu-vm ssh` as usual.
+queued() { is_true "${QUEUED:-}"; }
+
+gcloud_queued() {  # gcloud_queued VERB ARG...: a queued-resources command on $QUEUED_RESOURCE
+  local verb=$1
+  shift
+  run_cmd gcloud compute tpus queued-resources "$verb" "${QUEUED_RESOURCE:-$TPU_NAME}" "$@"
+}
+
+# Cloud TPU's recommended software version for each TPU generation, from the
+# "TPU software versions" page (cloud.google.com/tpu/docs/runtimes), table
+# "PyTorch and JAX": Trillium (v6e) v2-alpha-tpuv6e, v5p v2-alpha-tpuv5,
+# v5e v2-alpha-tpuv5-lite, v4 and older tpu-ubuntu2204-base. v5e's
+# accelerator types are named v5litepod-N.
+default_runtime_version() {  # default_runtime_version ACCELERATOR_TYPE
+  case ${1%%-*} in
+    v2 | v3 | v4) echo tpu-ubuntu2204-base ;;
+    v5litepod | v5e) echo v2-alpha-tpuv5-lite ;;
+    v5p) echo v2-alpha-tpuv5 ;;
+    v6e) echo v2-alpha-tpuv6e ;;
+    *) return 1 ;;
+  esac
+}
+
 on_workers() {  # on_workers WORKER COMMAND: run a shell command over ssh
   gcloud_tpu ssh --worker="$1" --command="$2"
 }
@@ -173,28 +239,56 @@ require_tpu() {
 repo_q() { remote_path "${REPO_DIR:-~/sam_jax}"; }
 venv_q() { remote_path "${VENV:-~/sam_jax_venv}"; }
 
-# Matches the training process started by `run` (its command line begins with
-# the venv's python), but not the `bash -c '...'` shell that ssh starts to run
-# this very pattern, whose command line begins with "bash".
-TRAIN_PATTERN='^[^ ]*python[0-9.]* .*-m sam_jax[.]train'
+# Matches the training process started by `run` with either trainer (its
+# command line begins with the venv's python), but not the `bash -c '...'` shell
+# that ssh starts to run this very pattern, whose command line begins with "bash".
+# pgrep and pkill read it as an extended regular expression.
+TRAIN_PATTERN='^[^ ]*python[0-9.]* .*-m (sam_jax|t5x)[.]train'
 
 # --- commands ----------------------------------------------------------------
 
 cmd_create() {
   no_args create "$@"
   require_tpu
-  require ACCELERATOR_TYPE RUNTIME_VERSION
+  require ACCELERATOR_TYPE
   local -a extra=()
-  if is_true "${SPOT:-}" && is_true "${PREEMPTIBLE:-}"; then
+  if queued && is_true "${PREEMPTIBLE:-}"; then
+    die "PREEMPTIBLE is not available with queued resources (QUEUED=1); use SPOT=1"
+  elif is_true "${SPOT:-}" && is_true "${PREEMPTIBLE:-}"; then
     die "SPOT and PREEMPTIBLE are mutually exclusive; set only one"
   elif is_true "${SPOT:-}"; then
     extra=(--spot)
   elif is_true "${PREEMPTIBLE:-}"; then
     extra=(--preemptible)
   fi
+  local version=${RUNTIME_VERSION:-}
+  if [[ -z $version ]]; then
+    if ! version=$(default_runtime_version "$ACCELERATOR_TYPE"); then
+      die "no default RUNTIME_VERSION for ACCELERATOR_TYPE=$ACCELERATOR_TYPE" \
+        "(known: v2, v3, v4, v5litepod/v5e, v5p, v6e); set RUNTIME_VERSION"
+    fi
+    printf '%s: using RUNTIME_VERSION=%s for %s (set RUNTIME_VERSION to override)\n' \
+      "$PROG" "$version" "$ACCELERATOR_TYPE" >&2
+  fi
   # ${extra[@]+...}: an empty array is "unbound" under set -u in bash < 4.4.
-  gcloud_tpu create --accelerator-type="$ACCELERATOR_TYPE" \
-    --version="$RUNTIME_VERSION" ${extra[@]+"${extra[@]}"}
+  if queued; then
+    gcloud_queued create --node-id="$TPU_NAME" --zone="$ZONE" --project="$PROJECT" \
+      --accelerator-type="$ACCELERATOR_TYPE" --runtime-version="$version" \
+      ${extra[@]+"${extra[@]}"}
+  else
+    gcloud_tpu create --accelerator-type="$ACCELERATOR_TYPE" \
+      --version="$version" ${extra[@]+"${extra[@]}"}
+  fi
+}
+
+cmd_status() {
+  no_args status "$@"
+  require_tpu
+  if queued; then
+    gcloud_queued describe --zone="$ZONE" --project="$PROJECT"
+  else
+    gcloud_tpu describe
+  fi
 }
 
 cmd_sync() {
@@ -241,6 +335,9 @@ cmd_setup() {
   script+=" $py -m venv $venv || { $apt $py $py-venv && $py -m venv $venv; }; fi"
   script+=" && $venv/bin/python -m pip install -U pip"
   script+=" && cd $repo && $venv/bin/python -m pip install -e '.[tpu]'"
+  if is_true "${T5X:-}"; then
+    script+=" && $venv/bin/python -m pip install $(quote_word "$T5X_URL")"
+  fi
   on_workers all "$script"
 }
 
@@ -251,6 +348,11 @@ cmd_run() {
   if (($#)); then
     shift
   fi
+  local trainer=${TRAINER:-sam_jax}
+  case $trainer in
+    sam_jax | t5x) ;;
+    *) die "TRAINER must be sam_jax or t5x (got: $trainer)" ;;
+  esac
   require_tpu
   require BUCKET RUN_NAME
   local gcs_root=${BUCKET%/} run_name_re='^[A-Za-z0-9._-]+$'
@@ -265,17 +367,31 @@ cmd_run() {
   venv=$(venv_q)
   log="\"\$HOME\"/logs/$RUN_NAME.\$(hostname).log"
   # printf %q quotes each word for the worker's (bash) shell; MODEL_DIR is a
-  # gin string, hence the inner single quotes.
-  train="$venv/bin/python -u -m sam_jax.train"
+  # gin string, hence the inner single quotes. T5X's train.py turns
+  # --gin.NAME=VALUE into a gin binding too, and looks up --gin_file paths in
+  # --gin_search_paths (default '.') and then in its own package, so gin/t5x/*.gin
+  # resolve in REPO_DIR and t5x/configs/..., t5x/examples/... in T5X.
+  train="$venv/bin/python -u -m $trainer.train"
   train+=" $(printf '%q' "--gin.MODEL_DIR='$gcs_root/$RUN_NAME'")"
+  if [[ $trainer == t5x ]]; then
+    train+=" --gin_search_paths=$repo"
+  fi
   if (($#)); then
     train+=$(printf ' %q' "$@")
   fi
-  script="if pgrep -f '$TRAIN_PATTERN' >/dev/null; then echo"
-  script+=" \"\$(hostname): sam_jax.train is already running; use kill first\" >&2; exit 1; fi"
+  script="if pgrep -f '$TRAIN_PATTERN' >/dev/null; then echo \"\$(hostname):"
+  script+=" training (sam_jax.train or t5x.train) is already running; use kill first\" >&2; exit 1; fi"
   script+=" && test -x $venv/bin/python || { printf '%s: %s not found; run setup first\\n'"
   script+=" \"\$(hostname)\" $venv/bin/python >&2; exit 1; }"
-  script+=" && cd $repo && mkdir -p \"\$HOME\"/logs"
+  script+=" && cd $repo"
+  if [[ $trainer == t5x ]]; then
+    # find_spec finds the package without importing it (and jax, tensorflow).
+    script+=" && { $venv/bin/python -c 'import importlib.util as u, sys;"
+    script+=" sys.exit(u.find_spec(\"t5x\") is None)' >/dev/null 2>&1"
+    script+=" || { printf '%s: T5X is not installed in %s; run T5X=1 setup first\\n'"
+    script+=" \"\$(hostname)\" $venv >&2; exit 1; }; }"
+  fi
+  script+=" && mkdir -p \"\$HOME\"/logs"
   script+=" && { nohup $train > $log 2>&1 < /dev/null & }"
   script+=" && printf '%s: started pid %s, log %s\\n' \"\$(hostname)\" \"\$!\" $log"
   on_workers all "$script"
@@ -311,7 +427,11 @@ cmd_kill() {
 cmd_delete() {
   no_args delete "$@"
   require_tpu
-  gcloud_tpu delete --quiet
+  if queued; then
+    gcloud_queued delete --zone="$ZONE" --project="$PROJECT" --force --quiet
+  else
+    gcloud_tpu delete --quiet
+  fi
 }
 
 main() {
@@ -341,7 +461,7 @@ main() {
   local cmd=$1
   shift
   case $cmd in
-    create | sync | setup | run | logs | kill | delete) "cmd_$cmd" "$@" ;;
+    create | status | sync | setup | run | logs | kill | delete) "cmd_$cmd" "$@" ;;
     help) usage ;;
     *)
       printf '%s: unknown command: %s\n\n' "$PROG" "$cmd" >&2

@@ -35,7 +35,8 @@ VARS = {
 }
 # The variables each subcommand needs, and nothing more.
 NEEDS = {
-    "create": ["TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "RUNTIME_VERSION"],
+    "create": ["TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE"],
+    "status": ["TPU_NAME", "ZONE", "PROJECT"],
     "sync": ["TPU_NAME", "ZONE", "PROJECT"],
     "setup": ["TPU_NAME", "ZONE", "PROJECT"],
     "run": ["TPU_NAME", "ZONE", "PROJECT", "BUCKET", "RUN_NAME"],
@@ -44,6 +45,15 @@ NEEDS = {
     "delete": ["TPU_NAME", "ZONE", "PROJECT"],
 }
 TRAIN_ARGS = ["--gin_file=gin/runs/finetune.gin", "--gin.TRAIN_STEPS=10"]
+# A T5X fine-tuning run with SAM (T5X's own gin files come from its package).
+T5X_ARGS = [
+    "--gin_file=t5x/examples/t5/t5_1_1/small.gin",
+    "--gin_file=t5x/configs/runs/finetune.gin",
+    "--gin_file=gin/t5x/sam.gin",
+    "--gin.MIXTURE_OR_TASK_NAME='glue_cola_v002'",
+]
+# The process pattern of `run`'s "already running" check and of `kill`.
+TRAIN_PATTERN = "^[^ ]*python[0-9.]* .*-m (sam_jax|t5x)[.]train"
 
 FAKE_GCLOUD = f"""#!{sys.executable}
 import json, os, shutil, subprocess, sys
@@ -86,7 +96,14 @@ if sys.argv[1:3] == ["-m", "venv"]:
     os.chmod(os.path.join(bindir, "pip"), 0o755)
 """
 )
-FAKE_VENV_PYTHON = RECORD + "print(json.dumps(call))\n"
+FAKE_VENV_PYTHON = (
+    RECORD
+    + """
+if sys.argv[1:2] == ["-c"] and os.environ.get("FAKE_NO_T5X"):
+    sys.exit(1)  # the find_spec("t5x") check of `run` with TRAINER=t5x
+print(json.dumps(call))
+"""
+)
 FAKE_SUDO = (
     RECORD
     + """
@@ -214,7 +231,15 @@ def test_help_prints_usage_and_exits_0(sandbox, args):
     result = launch(args, {"PATH": "/usr/bin:/bin", "HOME": sandbox["env"]["HOME"]})
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("Usage: launch_tpu.sh [--dry-run] COMMAND")
-    for word in [*NEEDS, *VARS, "--dry-run", "REPO_DIR", "VENV", "SPOT", "PREEMPTIBLE"]:
+    for word in [*NEEDS, *VARS, "--dry-run", "REPO_DIR", "VENV", "SPOT", "PREEMPTIBLE"] + [
+        "QUEUED=1",
+        "QUEUED_RESOURCE",
+        "TRAINER",
+        "t5x",
+        "T5X=1",
+        "git+https://github.com/google-research/t5x",
+        "v2-alpha-tpuv5-lite",
+    ]:
         assert word in result.stdout
     assert result.stderr == ""
 
@@ -280,13 +305,34 @@ def test_each_command_needs_only_its_variables(sandbox, command):
         (["logs", "--worker=x"], {}, "--worker must be a worker number"),
         (["logs", "extra"], {}, "unknown argument"),
         (["create", "extra"], {}, "create takes no arguments"),
+        (["status", "extra"], {}, "status takes no arguments"),
+        (["run", "--", "--x=1"], {"TRAINER": "t5x.train"}, "TRAINER must be sam_jax or t5x"),
+        (["run"], {"TRAINER": "T5X"}, "TRAINER must be sam_jax or t5x (got: T5X)"),
     ],
 )
 def test_bad_arguments_exit_2(sandbox, args, env, message):
     result = launch(["--dry-run", *args], {**sandbox["env"], **env})
     assert result.returncode == 2
     assert message in result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "env", [{"PREEMPTIBLE": "1"}, {"SPOT": "1", "PREEMPTIBLE": "1"}, {"PREEMPTIBLE": "yes"}]
+)
+def test_queued_create_refuses_preemptible(sandbox, env):
+    for with_version in (True, False):  # before choosing a runtime version
+        base = dict(sandbox["env"])
+        if not with_version:
+            del base["RUNTIME_VERSION"]
+        result = launch(["--dry-run", "create"], {**base, "QUEUED": "1", **env})
+        assert result.returncode == 2
+        assert result.stdout == ""
+        assert result.stderr == (
+            "launch_tpu.sh: PREEMPTIBLE is not available with queued resources (QUEUED=1);"
+            " use SPOT=1\n"
+        )
 
 
 # --- --dry-run output --------------------------------------------------------
@@ -303,9 +349,101 @@ def test_dry_run_create(sandbox):
     assert dry_run(sandbox, "create", SPOT="0") == [expected]
 
 
+def test_dry_run_create_queued(sandbox):
+    expected = (
+        "+ gcloud compute tpus queued-resources create sam-v4 --node-id=sam-v4"
+        " --zone=us-central2-b --project=my-proj"
+        " --accelerator-type=v4-32 --runtime-version=tpu-ubuntu2204-base"
+    )
+    assert dry_run(sandbox, "create", QUEUED="1") == [expected]
+    assert dry_run(sandbox, "create", QUEUED="1", SPOT="1") == [expected + " --spot"]
+    assert dry_run(sandbox, "create", QUEUED="true", SPOT="0") == [expected]
+    assert dry_run(sandbox, "create", QUEUED="1", QUEUED_RESOURCE="my-qr") == [
+        expected.replace("create sam-v4 ", "create my-qr ")
+    ]
+    # QUEUED=0 is the plain `tpu-vm create`.
+    assert dry_run(sandbox, "create", QUEUED="0", SPOT="1")[0].startswith(
+        "+ gcloud compute tpus tpu-vm create sam-v4 "
+    )
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "version"),
+    [
+        ("v2-8", "tpu-ubuntu2204-base"),
+        ("v3-32", "tpu-ubuntu2204-base"),
+        ("v4-32", "tpu-ubuntu2204-base"),
+        ("v5litepod-16", "v2-alpha-tpuv5-lite"),
+        ("v5e-8", "v2-alpha-tpuv5-lite"),
+        ("v5p-8", "v2-alpha-tpuv5"),
+        ("v6e-8", "v2-alpha-tpuv6e"),
+    ],
+)
+@pytest.mark.parametrize("queued", ["0", "1"])
+def test_runtime_version_defaults_per_generation(sandbox, accelerator, version, queued):
+    env = {k: v for k, v in sandbox["env"].items() if k != "RUNTIME_VERSION"}
+    env.update(ACCELERATOR_TYPE=accelerator, QUEUED=queued)
+    result = launch(["--dry-run", "create"], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == (
+        f"launch_tpu.sh: using RUNTIME_VERSION={version} for {accelerator}"
+        " (set RUNTIME_VERSION to override)\n"
+    )
+    (line,) = result.stdout.splitlines()
+    flag = "--runtime-version" if queued == "1" else "--version"
+    assert f" --accelerator-type={accelerator} {flag}={version}" in line
+    # A RUNTIME_VERSION that is set wins, silently.
+    (line,) = dry_run(sandbox, "create", ACCELERATOR_TYPE=accelerator, QUEUED=queued)
+    assert line.endswith(f"{flag}=tpu-ubuntu2204-base")
+
+
+@pytest.mark.parametrize("accelerator", ["v7x-8", "tpu7x-8", "V4-8", "v5-8", "v4"])
+def test_unknown_generation_without_runtime_version_exits_2(sandbox, accelerator):
+    env = {k: v for k, v in sandbox["env"].items() if k != "RUNTIME_VERSION"}
+    env["ACCELERATOR_TYPE"] = accelerator
+    if accelerator == "v4":  # no "-SIZE", but the generation is still v4
+        assert launch(["--dry-run", "create"], env).returncode == 0
+        return
+    result = launch(["--dry-run", "create"], env)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr == (
+        f"launch_tpu.sh: no default RUNTIME_VERSION for ACCELERATOR_TYPE={accelerator}"
+        " (known: v2, v3, v4, v5litepod/v5e, v5p, v6e); set RUNTIME_VERSION\n"
+    )
+    env["RUNTIME_VERSION"] = "v2-alpha-tpu7x"
+    assert launch(["--dry-run", "create"], env).returncode == 0
+
+
+def test_dry_run_status(sandbox):
+    assert dry_run(sandbox, "status") == [
+        "+ gcloud compute tpus tpu-vm describe sam-v4 --zone=us-central2-b --project=my-proj"
+    ]
+    assert dry_run(sandbox, "status", QUEUED="1") == [
+        "+ gcloud compute tpus queued-resources describe sam-v4"
+        " --zone=us-central2-b --project=my-proj"
+    ]
+    assert dry_run(sandbox, "status", QUEUED="1", QUEUED_RESOURCE="my-qr") == [
+        "+ gcloud compute tpus queued-resources describe my-qr"
+        " --zone=us-central2-b --project=my-proj"
+    ]
+
+
 def test_dry_run_delete(sandbox):
     assert dry_run(sandbox, "delete") == [
         "+ gcloud compute tpus tpu-vm delete sam-v4 --zone=us-central2-b --project=my-proj --quiet"
+    ]
+
+
+def test_dry_run_delete_queued(sandbox):
+    # --force deletes the queued resource's TPU VM first.
+    assert dry_run(sandbox, "delete", QUEUED="1") == [
+        "+ gcloud compute tpus queued-resources delete sam-v4 --zone=us-central2-b"
+        " --project=my-proj --force --quiet"
+    ]
+    assert dry_run(sandbox, "delete", QUEUED="1", QUEUED_RESOURCE="my-qr") == [
+        "+ gcloud compute tpus queued-resources delete my-qr --zone=us-central2-b"
+        " --project=my-proj --force --quiet"
     ]
 
 
@@ -344,6 +482,18 @@ def test_dry_run_setup(sandbox):
     )
 
 
+def test_dry_run_setup_t5x(sandbox):
+    venv = '"$HOME"/sam_jax_venv'
+    (plain,) = dry_run(sandbox, "setup")
+    (line,) = dry_run(sandbox, "setup", T5X="1")
+    script = remote_command(argv_of(line))
+    # T5X goes into the same venv, after the package.
+    assert script == remote_command(argv_of(plain)) + (
+        f" && {venv}/bin/python -m pip install git+https://github.com/google-research/t5x"
+    )
+    assert dry_run(sandbox, "setup", T5X="0") == [plain]
+
+
 def test_dry_run_setup_custom_dirs(sandbox):
     (line,) = dry_run(sandbox, "setup", REPO_DIR="/opt/my repo", VENV="~/v", PYTHON="python3")
     script = remote_command(argv_of(line))
@@ -377,6 +527,58 @@ def test_dry_run_run_passes_args_quoted(sandbox):
     ]
 
 
+def test_dry_run_run_t5x(sandbox):
+    (line,) = dry_run(sandbox, "run", "--", *T5X_ARGS, TRAINER="t5x")
+    argv = argv_of(line)
+    assert argv[:-1] == ssh_prefix("all")
+    script = remote_command(argv)
+    venv = '"$HOME"/sam_jax_venv'
+    assert script == (
+        f"if pgrep -f '{TRAIN_PATTERN}' >/dev/null; then echo \"$(hostname):"
+        ' training (sam_jax.train or t5x.train) is already running; use kill first" >&2;'
+        " exit 1; fi"
+        f" && test -x {venv}/bin/python || {{ printf '%s: %s not found; run setup first\\n'"
+        f' "$(hostname)" {venv}/bin/python >&2; exit 1; }}'
+        ' && cd "$HOME"/sam_jax'
+        f" && {{ {venv}/bin/python -c 'import importlib.util as u, sys;"
+        ' sys.exit(u.find_spec("t5x") is None)\' >/dev/null 2>&1'
+        " || { printf '%s: T5X is not installed in %s; run T5X=1 setup first\\n'"
+        f' "$(hostname)" {venv} >&2; exit 1; }}; }}'
+        ' && mkdir -p "$HOME"/logs'
+        f" && {{ nohup {venv}/bin/python -u -m t5x.train --gin.MODEL_DIR=\\'gs://bucket/run\\'"
+        ' --gin_search_paths="$HOME"/sam_jax'
+        " --gin_file=t5x/examples/t5/t5_1_1/small.gin --gin_file=t5x/configs/runs/finetune.gin"
+        " --gin_file=gin/t5x/sam.gin --gin.MIXTURE_OR_TASK_NAME=\\'glue_cola_v002\\'"
+        ' > "$HOME"/logs/run.$(hostname).log 2>&1 < /dev/null & }'
+        ' && printf \'%s: started pid %s, log %s\\n\' "$(hostname)" "$!"'
+        ' "$HOME"/logs/run.$(hostname).log'
+    )
+    train = script.split("{ nohup ")[1].split(" > ")[0]
+    assert shlex.split(train) == [
+        "$HOME/sam_jax_venv/bin/python",
+        "-u",
+        "-m",
+        "t5x.train",
+        "--gin.MODEL_DIR='gs://bucket/run'",
+        "--gin_search_paths=$HOME/sam_jax",
+        *T5X_ARGS,
+    ]
+    # TRAINER=sam_jax is the default; neither adds the search path nor the T5X check.
+    assert dry_run(sandbox, "run", "--", *T5X_ARGS, TRAINER="sam_jax") == dry_run(
+        sandbox, "run", "--", *T5X_ARGS
+    )
+    (sam_line,) = dry_run(sandbox, "run", "--", *T5X_ARGS)
+    assert "--gin_search_paths" not in sam_line and "find_spec" not in sam_line
+
+
+def test_dry_run_run_t5x_custom_repo_dir(sandbox):
+    (line,) = dry_run(sandbox, "run", TRAINER="t5x", REPO_DIR="/opt/my repo")
+    script = remote_command(argv_of(line))
+    assert " --gin_search_paths='/opt/my repo' > " in script
+    train = script.split("{ nohup ")[1].split(" > ")[0]
+    assert shlex.split(train)[-1] == "--gin_search_paths=/opt/my repo"
+
+
 def test_dry_run_run_strips_trailing_slash_from_bucket(sandbox):
     (line,) = dry_run(sandbox, "run", BUCKET="gs://bucket/")
     assert "--gin.MODEL_DIR=\\'gs://bucket/run\\' > " in remote_command(argv_of(line))
@@ -395,9 +597,33 @@ def test_dry_run_kill(sandbox):
     argv = argv_of(line)
     assert argv[:-1] == ssh_prefix("all")
     script = remote_command(argv)
-    assert script.startswith("if pkill -f '^[^ ]*python[0-9.]* .*-m sam_jax[.]train'; then")
+    assert script.startswith(f"if pkill -f '{TRAIN_PATTERN}'; then sleep 5; fi;")
     assert "; sudo lsof -t /dev/accel* /dev/vfio/* 2>/dev/null | xargs -r sudo kill -9;" in script
     assert script.endswith("; sudo rm -f /tmp/libtpu_lockfile")
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "matches"),
+    [
+        ("/home/u/sam_jax_venv/bin/python -u -m sam_jax.train --gin.MODEL_DIR='gs://b/r'", True),
+        (
+            "/home/u/sam_jax_venv/bin/python -u -m t5x.train --gin_search_paths=/home/u/sam_jax",
+            True,
+        ),
+        ("/usr/bin/python3.11 -m t5x.train --gin_file=x.gin", True),
+        ("python -m sam_jax.train", True),
+        # The shell that ssh starts to run pkill/pgrep with this very pattern.
+        (f"bash -c if pkill -f '{TRAIN_PATTERN}'; then sleep 5; fi", False),
+        ("/home/u/sam_jax_venv/bin/python -m sam_jax.compare", False),
+        ("/home/u/sam_jax_venv/bin/python -m t5x.eval", False),
+        ("vim sam_jax/train.py", False),
+    ],
+)
+def test_train_pattern_covers_both_trainers(cmdline, matches):
+    """pgrep/pkill -f read the pattern as an extended regex: check it with grep -E."""
+    result = subprocess.run(["grep", "-qE", TRAIN_PATTERN], input=cmdline, text=True)
+    assert result.returncode == (0 if matches else 1)
+    assert f"TRAIN_PATTERN='{TRAIN_PATTERN}'" in SCRIPT.read_text()
 
 
 def test_dry_run_and_help_need_no_gcloud_git_or_tar(tmp_path):
@@ -422,11 +648,23 @@ def real(sandbox, *args, script=SCRIPT, **extra_env):
 
 
 @pytest.mark.parametrize(
-    "args", [["setup"], ["create"], ["delete"], ["kill"], ["logs", "--worker=1"]]
+    ("args", "extra_env"),
+    [
+        (["setup"], {}),
+        (["setup"], {"T5X": "1"}),
+        (["create"], {}),
+        (["create"], {"QUEUED": "1", "SPOT": "1"}),
+        (["status"], {}),
+        (["status"], {"QUEUED": "1"}),
+        (["delete"], {}),
+        (["delete"], {"QUEUED": "1"}),
+        (["kill"], {}),
+        (["logs", "--worker=1"], {}),
+    ],
 )
-def test_real_mode_runs_the_dry_run_commands(sandbox, args):
-    expected = [argv_of(line) for line in dry_run(sandbox, *args)]
-    env = {**sandbox["env"], **sandbox["fake_env"]}
+def test_real_mode_runs_the_dry_run_commands(sandbox, args, extra_env):
+    expected = [argv_of(line) for line in dry_run(sandbox, *args, **extra_env)]
+    env = {**sandbox["env"], **sandbox["fake_env"], **extra_env}
     del env["FAKE_WORKER_HOME"]  # record only; do not simulate the worker
     result = launch(args, env)
     assert result.returncode == 0, result.stderr
@@ -559,7 +797,9 @@ def test_real_run_refuses_when_training_is_already_running(sandbox):
     write_exe(home / "sam_jax_venv" / "bin" / "python", FAKE_VENV_PYTHON)
     result = real(sandbox, "run", "--", "--x=1", FAKE_PGREP_RC="0")
     assert result.returncode == 1
-    assert "sam_jax.train is already running; use kill first" in result.stderr
+    assert (
+        "training (sam_jax.train or t5x.train) is already running; use kill first" in result.stderr
+    )
     time.sleep(0.5)  # a wrongly started trainer would have written by now
     assert not (home / "logs").exists()
     assert worker_calls(sandbox) == []
@@ -569,7 +809,7 @@ def test_real_kill_on_a_simulated_worker(sandbox):
     result = real(sandbox, "kill")
     assert result.returncode == 0, result.stderr
     calls = [(c["cmd"], c["argv"]) for c in worker_calls(sandbox)]
-    assert calls[0] == ("pkill", ["-f", "^[^ ]*python[0-9.]* .*-m sam_jax[.]train"])
+    assert calls[0] == ("pkill", ["-f", TRAIN_PATTERN])
     assert calls[1][0] == "sudo" and calls[1][1][:2] == ["lsof", "-t"]
     assert calls[2:] == [("sudo", ["rm", "-f", "/tmp/libtpu_lockfile"])]
 
@@ -579,3 +819,100 @@ def test_real_setup_fails_clearly_before_sync(sandbox):
     assert result.returncode == 1
     assert "sam_jax/setup.py not found; run sync first" in result.stderr
     assert worker_calls(sandbox) == []
+
+
+def test_real_run_t5x_on_a_simulated_worker(sandbox):
+    home = sandbox["worker_home"]
+    (home / "sam_jax").mkdir()
+    write_exe(home / "sam_jax_venv" / "bin" / "python", FAKE_VENV_PYTHON)
+    result = real(sandbox, "run", "--", *T5X_ARGS, TRAINER="t5x")
+    assert result.returncode == 0, result.stderr
+    hostname = subprocess.run(["hostname"], capture_output=True, text=True).stdout.strip()
+    log = home / "logs" / f"run.{hostname}.log"
+    deadline = time.monotonic() + 30
+    while not (log.exists() and log.read_text().endswith("\n")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert json.loads(log.read_text()) == {
+        "cmd": "python",
+        "argv": [
+            "-u",
+            "-m",
+            "t5x.train",
+            "--gin.MODEL_DIR='gs://bucket/run'",
+            f"--gin_search_paths={home / 'sam_jax'}",
+            *T5X_ARGS,
+        ],
+        "cwd": str(home / "sam_jax"),
+    }
+    # Before starting, run checked (without importing it) that T5X is installed.
+    check = worker_calls(sandbox)[0]
+    assert check["argv"][0] == "-c" and 'find_spec("t5x")' in check["argv"][1]
+    assert check["cwd"] == str(home / "sam_jax")
+
+
+def test_real_run_t5x_fails_clearly_without_t5x(sandbox):
+    home = sandbox["worker_home"]
+    (home / "sam_jax").mkdir()
+    write_exe(home / "sam_jax_venv" / "bin" / "python", FAKE_VENV_PYTHON)
+    result = real(sandbox, "run", "--", *T5X_ARGS, TRAINER="t5x", FAKE_NO_T5X="1")
+    assert result.returncode == 1
+    assert f"T5X is not installed in {home / 'sam_jax_venv'}; run T5X=1 setup first" in (
+        result.stderr
+    )
+    time.sleep(0.5)  # a wrongly started trainer would have written by now
+    assert not (home / "logs").exists()
+    assert [c["argv"][0] for c in worker_calls(sandbox)] == ["-c"]
+
+
+# --- README ------------------------------------------------------------------
+
+
+def readme_tpu_blocks():
+    """The bash blocks of README.md's "## On a Cloud TPU pod" section."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## On a Cloud TPU pod\n", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```bash\n")[1:]
+    assert blocks, "no bash example in the README's TPU section"
+    return [block.split("```", 1)[0] for block in blocks]
+
+
+def test_readme_tpu_examples_run_in_dry_run(sandbox):
+    """The README's TPU section runs as written (in --dry-run), its blocks in order."""
+    script = "".join(readme_tpu_blocks())
+    env = {"PATH": "/usr/bin:/bin", "HOME": sandbox["env"]["HOME"], "DRY_RUN": "1"}
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines and all(line.startswith("+ ") for line in lines), result.stdout
+    assert result.stderr == (
+        "launch_tpu.sh: using RUNTIME_VERSION=tpu-ubuntu2204-base for v4-32"
+        " (set RUNTIME_VERSION to override)\n"
+    )
+    gcloud = [argv_of(line) for line in lines if line.startswith("+ gcloud ")]
+    loc = ["--zone=us-central2-b", "--project=my-project"]
+    qr = ["gcloud", "compute", "tpus", "queued-resources"]
+    assert gcloud[0] == [
+        *qr, "create", "sam-v4", "--node-id=sam-v4", *loc,
+        "--accelerator-type=v4-32", "--runtime-version=tpu-ubuntu2204-base", "--spot",
+    ]  # fmt: skip
+    assert gcloud[1] == [*qr, "describe", "sam-v4", *loc]
+    assert gcloud[-1] == [*qr, "delete", "sam-v4", *loc, "--force", "--quiet"]
+    commands = [remote_command(argv) for argv in gcloud if argv[4:5] == ["ssh"]]
+    setups = [c for c in commands if "pip install -e" in c]
+    t5x = "pip install git+https://github.com/google-research/t5x"
+    assert [c.endswith(t5x) for c in setups] == [False, True]
+    runs = [shlex.split(c.split("{ nohup ")[1].split(" > ")[0]) for c in commands if "nohup" in c]
+    assert [argv[3] for argv in runs] == ["sam_jax.train", "t5x.train"]
+    assert runs[1][4:7] == [
+        "--gin.MODEL_DIR='gs://my-bucket/t5x-sam'",
+        "--gin_search_paths=$HOME/sam_jax",
+        "--gin_file=t5x/examples/t5/t5_1_1/small.gin",
+    ]
+    assert "--gin_file=gin/t5x/sam.gin" in runs[1]
