@@ -404,6 +404,24 @@ def _over_groups(step: StepContext, batch, key):
     return grads, jax.tree.map(lambda x: x / m, metrics), aux
 
 
+def _with_refreshed_mask(step: StepContext, state: SamGradientState, batch, key):
+    """The step with the Fisher mask of this step (refreshed when due), and the mask's state."""
+    mask_state = step.config.mask.update(
+        state.mask_state,
+        state.count,
+        step.params,
+        lambda p, b, k: _row_losses(step, p, b, k),
+        batch,
+        key,
+        num_data_shards=step.config.num_data_shards,
+    )
+    # The SAM passes read the parameters through a data dependency on the
+    # refreshed mask, so that nothing of theirs is live during the refresh
+    # (see `fisher.after_refresh`).
+    params = fisher.after_refresh(step.params, mask_state)
+    return step._replace(params=params, coordinate_mask=mask_state.mask), mask_state
+
+
 def sam_gradient(
     loss_fn,
     params,
@@ -467,23 +485,10 @@ def sam_gradient(
     if config.mask is None:
         mask_state, density = state.mask_state, jnp.float32(1.0)
     else:
-        mask_state = config.mask.update(
-            state.mask_state,
-            state.count,
-            params,
-            lambda p, b, k: _row_losses(step, p, b, k),
-            batch,
-            key,
-            num_data_shards=config.num_data_shards,
-        )
-        # The SAM passes read the parameters through a data dependency on the
-        # refreshed mask, so that nothing of theirs is live during the refresh
-        # (see `fisher.after_refresh`).
-        params = fisher.after_refresh(params, mask_state)
-        step = step._replace(params=params, coordinate_mask=mask_state.mask)
+        step, mask_state = _with_refreshed_mask(step, state, batch, key)
         density = mask_state.density
     if config.reweight is not None:
-        direction = perturbation.random_perturbation(reweight_key(key), params, rho)
+        direction = perturbation.random_perturbation(reweight_key(key), step.params, rho)
         step = step._replace(direction=direction)
     if config.sharpness_m == 1:
         grads, metrics, aux = group_gradient(step, batch, key)

@@ -237,6 +237,19 @@ def fisher_samples(batch, num_samples: int, num_data_shards: int = 1):
     return batching.ascent_slice(batch, per_shard * num_data_shards, num_data_shards)
 
 
+def _check_mask_arguments(sparsity, interval, num_samples, fisher, chunk_size) -> None:
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}.")
+    if not isinstance(interval, int) or interval < 1:
+        raise ValueError(f"interval must be an integer ≥ 1, got {interval!r}.")
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer ≥ 1, got {num_samples!r}.")
+    if fisher not in FISHER_ESTIMATORS:
+        raise ValueError(f"fisher must be one of {FISHER_ESTIMATORS}, got {fisher!r}.")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an integer ≥ 1, got {chunk_size!r}.")
+
+
 def fisher_mask(
     sparsity: float = 0.9,
     interval: int = 100,
@@ -288,16 +301,7 @@ def fisher_mask(
     Returns:
       A `FisherMask` to pass as `sam(..., mask=...)`.
     """
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}.")
-    if not isinstance(interval, int) or interval < 1:
-        raise ValueError(f"interval must be an integer ≥ 1, got {interval!r}.")
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be an integer ≥ 1, got {num_samples!r}.")
-    if fisher not in FISHER_ESTIMATORS:
-        raise ValueError(f"fisher must be one of {FISHER_ESTIMATORS}, got {fisher!r}.")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an integer ≥ 1, got {chunk_size!r}.")
+    _check_mask_arguments(sparsity, interval, num_samples, fisher, chunk_size)
 
     def init(params):
         mask = jax.tree.map(lambda w: jnp.ones(w.shape, jnp.bool_), params)
