@@ -250,6 +250,21 @@ def _check_mask_arguments(sparsity, interval, num_samples, fisher, chunk_size) -
         raise ValueError(f"chunk_size must be None or an integer ≥ 1, got {chunk_size!r}.")
 
 
+def _fisher_scores(fisher, loss_fn, params, examples, key, chunk_size, num_data_shards):
+    """F̂ on `examples` by the named estimator (see `fisher_mask`)."""
+    if fisher != "empirical":
+        return squared_batch_gradient(loss_fn, params, examples, key)
+    used = batching.batch_size(examples)
+    chunk = num_data_shards if chunk_size is None else chunk_size
+    if used % chunk or chunk % num_data_shards:
+        raise ValueError(
+            f"chunk_size={chunk} must be a multiple of num_data_shards="
+            f"{num_data_shards} and divide the {used} examples used for the Fisher "
+            "information (num_samples, at most the batch size)."
+        )
+    return empirical_fisher(loss_fn, params, examples, key, chunk, num_data_shards)
+
+
 def fisher_mask(
     sparsity: float = 0.9,
     interval: int = 100,
@@ -309,18 +324,7 @@ def fisher_mask(
 
     def refresh(params, loss_fn, batch, key, num_data_shards):
         examples = fisher_samples(batch, num_samples, num_data_shards)
-        if fisher == "empirical":
-            used = batching.batch_size(examples)
-            chunk = num_data_shards if chunk_size is None else chunk_size
-            if used % chunk or chunk % num_data_shards:
-                raise ValueError(
-                    f"chunk_size={chunk} must be a multiple of num_data_shards="
-                    f"{num_data_shards} and divide the {used} examples used for the Fisher "
-                    "information (num_samples, at most the batch size)."
-                )
-            scores = empirical_fisher(loss_fn, params, examples, key, chunk, num_data_shards)
-        else:
-            scores = squared_batch_gradient(loss_fn, params, examples, key)
+        scores = _fisher_scores(fisher, loss_fn, params, examples, key, chunk_size, num_data_shards)
         total = sum(w.size for w in jax.tree.leaves(params))
         keep = round((1.0 - sparsity) * total)
         return FisherMaskState(top_k_mask(scores, keep), jnp.float32(keep / total))
