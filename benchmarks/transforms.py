@@ -118,19 +118,16 @@ def make_loss_fn(model):
     return loss_fn
 
 
-def compile_variant(name, tx, params, batch, loss_fn, plain, baseline="AdamW"):
-    """Jits one step of `tx` (a SAM transform, or the plain optimizer if `plain`)."""
+def compile_variant(name, tx, params, batch, loss_fn, baseline="AdamW"):
+    """Jits one step of `tx`: plain or SAM through `update_from_loss`, or optax.contrib.sam."""
 
     def step(p, state, key):
-        if plain:
-            grads = jax.grad(lambda q: jnp.mean(loss_fn(q, batch, key)))(p)
-            updates, state = tx.update(grads, state, p)
-        elif isinstance(state, optax.contrib.SAMState):
+        if isinstance(state, optax.contrib.SAMState):
             grads = jax.grad(lambda q: jnp.mean(loss_fn(q, batch, key)))(p)
             grad_fn = jax.grad(lambda q, _: jnp.mean(loss_fn(q, batch, key)))
             updates, state = tx.update(grads, state, p, grad_fn=grad_fn)
         else:
-            updates, state = tx.update(None, state, p, loss_fn=loss_fn, batch=batch, key=key)
+            updates, state = sam_jax.update_from_loss(tx, state, p, loss_fn, batch, key)[:2]
         return optax.apply_updates(p, updates), state
 
     state = tx.init(params)
@@ -170,29 +167,30 @@ def build_variants(model, params):
     difference = sam_jax.delta_sam(1e-4, probe="finite_difference")
     draft = sam_jax.delta_sam_draft(3.0)
     f32, bf16 = ("AdamW", batch), ("AdamW bf16", batch)  # (baseline, batch)
-    specs = [  # (name, transform, plain, (baseline, batch))
-        ("AdamW", adamw, True, f32),
-        ("optax.contrib.sam", contrib, False, f32),
-        ("SAM f=1", sam(rho=rho), False, f32),
-        ("SAM f=1/4", sam(**quarter), False, f32),
-        ("δ-SAM f=1/4", sam(**quarter, reweight=delta), False, f32),
-        ("δ-SAM draft f=1/4", sam(**quarter, reweight=draft), False, f32),
-        ("δ-SAM f=1/4 finite diff.", sam(**quarter, reweight=difference), False, f32),
-        ("FSAM f=1/4", sam(**quarter, mask=fisher), False, f32),
-        ("ASAM f=1", sam(rho=0.5, adaptive=True), False, f32),
-        ("SAM m=4 parallel", sam(rho=rho, sharpness_m=4), False, f32),
-        ("SAM m=4 serial", sam(rho=rho, sharpness_m=4, parallel_groups=1), False, f32),
-        ("AdamW bf16", adamw, True, bf16),
-        ("SAM f=1/4 bf16", sam(**quarter), False, bf16),
-        ("δ-SAM f=1/4 bf16", sam(**quarter, reweight=delta), False, bf16),
-        ("δ-SAM f=1/4 bf16 finite diff.", sam(**quarter, reweight=difference), False, bf16),
-        (small, adamw, True, (small, small_batch)),
-        ("per-instance SAM", sam_jax.per_instance_sam(adamw, rho), False, (small, small_batch)),
+    specs = [  # (name, transform, (baseline, batch))
+        ("AdamW", adamw, f32),
+        ("SAM ρ=0 (plain)", sam(rho=0.0), f32),
+        ("optax.contrib.sam", contrib, f32),
+        ("SAM f=1", sam(rho=rho), f32),
+        ("SAM f=1/4", sam(**quarter), f32),
+        ("δ-SAM f=1/4", sam(**quarter, reweight=delta), f32),
+        ("δ-SAM draft f=1/4", sam(**quarter, reweight=draft), f32),
+        ("δ-SAM f=1/4 finite diff.", sam(**quarter, reweight=difference), f32),
+        ("FSAM f=1/4", sam(**quarter, mask=fisher), f32),
+        ("ASAM f=1", sam(rho=0.5, adaptive=True), f32),
+        ("SAM m=4 parallel", sam(rho=rho, sharpness_m=4), f32),
+        ("SAM m=4 serial", sam(rho=rho, sharpness_m=4, parallel_groups=1), f32),
+        ("AdamW bf16", adamw, bf16),
+        ("SAM f=1/4 bf16", sam(**quarter), bf16),
+        ("δ-SAM f=1/4 bf16", sam(**quarter, reweight=delta), bf16),
+        ("δ-SAM f=1/4 bf16 finite diff.", sam(**quarter, reweight=difference), bf16),
+        (small, adamw, (small, small_batch)),
+        ("per-instance SAM", sam_jax.per_instance_sam(adamw, rho), (small, small_batch)),
     ]
     variants = {}
-    for name, tx, plain, (baseline, data) in specs:
+    for name, tx, (baseline, data) in specs:
         step_loss_fn = bf16_loss_fn if "bf16" in name else loss_fn
-        variant = compile_variant(name, tx, params, data, step_loss_fn, plain, baseline)
+        variant = compile_variant(name, tx, params, data, step_loss_fn, baseline)
         if name.startswith("FSAM"):
             # The state after init refreshes at count 0; count 1 is an ordinary step.
             variant.refresh_state = variant.state

@@ -92,7 +92,9 @@ def train_and_evaluate(name, tx, model, params, train, test, steps, batch_size, 
     else:
 
         def update(p, state, batch, key):
-            return tx.update(None, state, p, loss_fn=loss_fn, batch=batch, key=key)
+            return tx.update(
+                sam_jax.pending_gradient(p), state, p, loss_fn=loss_fn, batch=batch, key=key
+            )
 
     @jax.jit
     def step(p, state, batch, key):

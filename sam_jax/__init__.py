@@ -5,7 +5,8 @@ m-sharpness, δ-SAM instance reweighting (Zhou et al. 2022), FSAM's Fisher mask
 (Zhong et al. 2022), ASAM (Kwon et al. 2021) and per-instance SAM, plus the
 sharpness measures used to compare them. All of them compute their gradient
 with one function, `sam_gradient`, which loops that own their optimizer call
-directly.
+directly; `update_from_loss` steps any Optax optimizer, with or without `sam`,
+from a loss function.
 """
 
 from sam_jax import sharpness
@@ -18,6 +19,10 @@ from sam_jax.core import sam_gradient_init
 from sam_jax.fisher import FisherMask
 from sam_jax.fisher import FisherMaskState
 from sam_jax.fisher import fisher_mask
+from sam_jax.loss_update import LossUpdate
+from sam_jax.loss_update import update_from_loss
+from sam_jax.pending import PendingGradient
+from sam_jax.pending import pending_gradient
 from sam_jax.per_instance import per_instance_sam
 from sam_jax.reweighting import InstanceReweighting
 from sam_jax.reweighting import delta_sam
@@ -29,6 +34,8 @@ __all__ = [
     "FisherMask",
     "FisherMaskState",
     "InstanceReweighting",
+    "LossUpdate",
+    "PendingGradient",
     "SamConfig",
     "SamGradient",
     "SamGradientState",
@@ -37,11 +44,13 @@ __all__ = [
     "delta_sam",
     "delta_sam_draft",
     "fisher_mask",
+    "pending_gradient",
     "per_instance_sam",
     "sam",
     "sam_gradient",
     "sam_gradient_init",
     "sharpness",
+    "update_from_loss",
 ]
 
 __version__ = "0.1.0"

@@ -85,13 +85,15 @@ def single_example(example: Batch) -> Batch:
     return jax.tree.map(lambda x: jnp.expand_dims(x, 0), example)
 
 
-def check_losses(losses, batch: Batch, slots: bool = False) -> None:
+def check_losses(losses, batch: Batch, slots: bool = False, whole_batch: int | None = None) -> None:
     """Checks that `losses` has one loss per example of `batch`.
 
     Args:
       losses: what `loss_fn` returned.
       batch: the pytree of arrays [N, ...] it was computed on.
       slots: also accept [N, S], S example slots per row (a packed batch).
+      whole_batch: the size of the user's batch when `batch` is a piece of it
+        (the ascent micro-batch, a group, a microbatch), named in the error.
     """
     num_examples = batch_size(batch)
     shape = getattr(losses, "shape", None)
@@ -100,10 +102,16 @@ def check_losses(losses, batch: Batch, slots: bool = False) -> None:
     ):
         return
     allowed = f"[N] = ({num_examples},)" + (" or [N, S]" if slots else "")
+    piece = ""
+    if whole_batch is not None and whole_batch != num_examples:
+        piece = (
+            f" (here N = {num_examples}: `loss_fn` was called on a piece of your batch of "
+            f"{whole_batch}, the ascent micro-batch, a group or a microbatch)"
+        )
     raise ValueError(
-        f"`loss_fn(params, batch, key)` must return per-example losses of shape {allowed}, "
-        f"got shape {shape if shape is not None else type(losses)}. Return the unreduced "
-        "losses (e.g. drop the final mean)."
+        f"`loss_fn(params, batch, key)` must return per-example losses of shape {allowed}"
+        f"{piece}, got shape {shape if shape is not None else type(losses)}. Return the "
+        "unreduced losses (e.g. drop the final mean)."
     )
 
 

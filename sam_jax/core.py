@@ -89,9 +89,14 @@ class SamMetrics(NamedTuple):
 
 
 def check_rho(rho: ScalarOrSchedule) -> None:
-    """Rejects a negative constant ρ (schedules and traced values are not checked)."""
+    """Rejects a negative constant ρ (a schedule's or a traced ρ is clipped by `rho_at`)."""
     if isinstance(rho, (int, float)) and not rho >= 0:
         raise ValueError(f"rho must be ≥ 0, got {rho!r}.")
+
+
+def is_plain(rho: ScalarOrSchedule) -> bool:
+    """Whether ρ is the constant 0: every SAM variant is then the plain gradient."""
+    return isinstance(rho, (int, float)) and rho == 0
 
 
 def _check_count(name: str, value) -> None:
@@ -147,7 +152,8 @@ class SamConfig:
                     f"parallel_groups={self.parallel_groups} must divide sharpness_m="
                     f"{self.sharpness_m} (or be None: all groups at once)."
                 )
-        if self.adaptive and not self.adaptive_eta > 0:
+        eta = self.adaptive_eta  # an injected hyperparameter may be traced
+        if self.adaptive and isinstance(eta, (int, float)) and not eta > 0:
             raise ValueError(f"adaptive_eta must be > 0, got {self.adaptive_eta!r}.")
         if self.reweight is not None and not isinstance(
             self.reweight, reweighting.InstanceReweighting
@@ -207,8 +213,13 @@ def reweight_key(key: jax.Array) -> jax.Array:
 
 
 def rho_at(rho: ScalarOrSchedule, count: jax.Array) -> jax.Array:
-    """ρ for step `count`, as a float32 scalar."""
-    return jnp.asarray(rho(count) if callable(rho) else rho, jnp.float32)
+    """ρ for step `count`, as a float32 scalar, clipped at 0.
+
+    A constant ρ < 0 is refused when the config is built; a schedule's or an
+    injected (traced) ρ < 0 is clipped to 0 here, and the step's
+    `SamMetrics.rho` shows the 0 that was used.
+    """
+    return jnp.maximum(jnp.asarray(rho(count) if callable(rho) else rho, jnp.float32), 0.0)
 
 
 class StepContext(NamedTuple):
@@ -222,6 +233,7 @@ class StepContext(NamedTuple):
     rho: jax.Array
     direction: optax.Params | None
     coordinate_mask: optax.Params | None
+    batch_examples: int
 
 
 def _losses(step: StepContext, params, batch, key):
@@ -230,7 +242,7 @@ def _losses(step: StepContext, params, batch, key):
     if step.has_aux and (not isinstance(out, tuple) or len(out) != 2):
         raise ValueError("With has_aux=True, `loss_fn` must return (per_example_losses, aux).")
     losses, aux = out if step.has_aux else (out, None)
-    batching.check_losses(losses, batch, slots=True)
+    batching.check_losses(losses, batch, slots=True, whole_batch=step.batch_examples)
     return losses, aux
 
 
@@ -308,7 +320,7 @@ def _loss_sum_and_count(losses, present):
 
 
 def descent_gradient(step: StepContext, group, key, adversarial_params):
-    """(∇ mean l(w + ε) over the group's entries, mean loss of its examples, aux).
+    """(∇ mean l(w + ε) over the group's entries, (Σ loss, count) of its examples, aux).
 
     Accumulated over the microbatches, each weighted equally (they hold equal
     numbers of rows).
@@ -330,12 +342,42 @@ def descent_gradient(step: StepContext, group, key, adversarial_params):
         piece_gradient, group, count, step.config.num_data_shards
     )
     grads = jax.tree.map(lambda g: (g / count).astype(g.dtype), grad_sum)
-    return grads, loss_sum / jnp.maximum(examples, 1.0), aux
+    return grads, (loss_sum, examples), aux
+
+
+def _mean(total_and_count):
+    total, count = total_and_count
+    return total / jnp.maximum(count, 1.0)
+
+
+def plain_group_gradient(step: StepContext, group, key):
+    """ρ = 0 (a constant): the group's gradient at w, one pass, no ascent.
+
+    Every variant is then the plain gradient, so none of its passes run. The
+    metrics describe the group: its mean loss (both losses), ‖∇‖, ε = 0, and
+    uniform weights over its examples.
+    """
+    grads, loss, aux = descent_gradient(step, group, key, step.params)
+    examples = loss[1]
+    metrics = SamMetrics(
+        clean_loss=_mean(loss),
+        perturbed_loss=_mean(loss),
+        grad_norm=optax.tree.norm(grads).astype(jnp.float32),
+        perturbation_norm=jnp.float32(0.0),
+        rho=step.rho,
+        weight_min=1.0 / jnp.maximum(examples, 1.0),
+        weight_max=1.0 / jnp.maximum(examples, 1.0),
+        weight_entropy=jnp.log(jnp.maximum(examples, 1.0)),
+        mask_density=jnp.float32(1.0),
+    )
+    return grads, metrics, aux
 
 
 def group_gradient(step: StepContext, group, key):
     """Ascent on the group's micro-batch, ε, and the descent gradient at w + ε."""
     config = step.config
+    if is_plain(config.rho):
+        return plain_group_gradient(step, group, key)
     shards = config.num_data_shards
     group_size = batching.batch_size(group)
     size = batching.ascent_size(group_size, config.ascent_fraction, shards)
@@ -351,11 +393,10 @@ def group_gradient(step: StepContext, group, key):
     )
     adversarial_params = perturbation.perturbed(step.params, eps.epsilon)
     descent, perturbed_loss, aux = descent_gradient(step, group, key, adversarial_params)
-    clean_sum, examples = _loss_sum_and_count(clean_losses, present)
     spread = reweighting.statistics(weights, present)
     metrics = SamMetrics(
-        clean_loss=clean_sum / jnp.maximum(examples, 1.0),
-        perturbed_loss=perturbed_loss,
+        clean_loss=_mean(_loss_sum_and_count(clean_losses, present)),
+        perturbed_loss=_mean(perturbed_loss),
         grad_norm=eps.grad_norm,
         perturbation_norm=eps.norm,
         rho=step.rho,
@@ -446,7 +487,9 @@ def sam_gradient(
     4. The descent gradient ∇ mean_{i∈B_g} l_i(w + ε) (unweighted).
 
     The groups' gradients are averaged. See the module docstring for how groups
-    and dropout keys are assigned.
+    and dropout keys are assigned. With ρ the constant 0 every variant is the
+    plain gradient, and only the descent pass at w runs (the cost of plain
+    training); the Fisher mask is then not refreshed.
 
     Example::
 
@@ -475,19 +518,21 @@ def sam_gradient(
     Returns:
       A `SamGradient`: the descent gradient, the next state, metrics and aux.
     """
-    if config.reweight is not None and key is None:
+    plain = is_plain(config.rho)
+    if config.reweight is not None and key is None and not plain:
         raise ValueError(
             f"reweight={config.reweight.name} draws a random perturbation every step: pass `key`."
         )
-    _check_batch(config, batching.batch_size(batch))
+    num_examples = batching.batch_size(batch)
+    _check_batch(config, num_examples)
     rho = rho_at(config.rho, state.count)
-    step = StepContext(config, loss_fn, has_aux, present_of, params, rho, None, None)
-    if config.mask is None:
+    step = StepContext(config, loss_fn, has_aux, present_of, params, rho, None, None, num_examples)
+    if config.mask is None or plain:  # with ρ = 0 the mask would perturb nothing
         mask_state, density = state.mask_state, jnp.float32(1.0)
     else:
         step, mask_state = _with_refreshed_mask(step, state, batch, key)
         density = mask_state.density
-    if config.reweight is not None:
+    if config.reweight is not None and not plain:
         direction = perturbation.random_perturbation(reweight_key(key), step.params, rho)
         step = step._replace(direction=direction)
     if config.sharpness_m == 1:

@@ -30,7 +30,7 @@ def per_instance_sam(
     Example::
 
       tx = sam_jax.per_instance_sam(optax.adamw(1e-4), rho=0.05)
-      updates, state = tx.update(None, state, params, loss_fn=loss_fn, batch=batch)
+      step = sam_jax.update_from_loss(tx, opt_state, params, loss_fn, batch, key)
 
     Args:
       optimizer: the descent optimizer.

@@ -33,6 +33,7 @@ import optax
 from flax import linen as nn
 
 from sam_jax import batching
+from sam_jax import loss_update
 from sam_jax.models import t5
 
 Batch = Mapping[str, jax.Array]
@@ -319,10 +320,10 @@ class Trainer:
         }
         metrics = {"lr": learning_rate_at(self.learning_rate, state.step)}
         if self.uses_sam:
-            updates, opt_state = self.optimizer.update(
-                None, state.opt_state, state.params, loss_fn=self.loss_fn, batch=batch, key=step_key
+            step = loss_update.update_from_loss(
+                self.optimizer, state.opt_state, state.params, self.loss_fn, batch, step_key
             )
-            sam_metrics = opt_state.metrics
+            updates, opt_state, sam_metrics = step.updates, step.opt_state, step.metrics
             metrics["loss"] = sam_metrics.clean_loss
             for field, value in sam_metrics._asdict().items():
                 metrics[f"sam/{field}"] = jnp.asarray(value, jnp.float32)

@@ -10,30 +10,68 @@ One transformation covers the SAM family used for language models:
 * FSAM's Fisher mask on the perturbation (Zhong et al. 2022);
 * ASAM's scale-adaptive perturbation (Kwon et al. 2021).
 
-The transform computes its own gradients, so it is called with the loss
-function and the batch instead of gradients::
+The transform computes its own gradient from the loss function, so it takes a
+`pending_gradient(params)` placeholder where Optax expects a gradient, and the
+loss function and batch as extra arguments::
 
   tx = sam_jax.sam(optax.adamw(1e-4), rho=0.05, ascent_fraction=0.25)
-  state = tx.init(params)
-  updates, state = tx.update(None, state, params, loss_fn=loss_fn, batch=batch, key=key)
-  params = optax.apply_updates(params, updates)
+  opt_state = tx.init(params)
+  step = sam_jax.update_from_loss(tx, opt_state, params, loss_fn, batch, key)
+  params = optax.apply_updates(params, step.updates)
 
-where `loss_fn(params, batch, key)` returns per-example losses [N] and `key`
-drives dropout (see `sam_jax.core` for the keys of groups and microbatches).
+which is `tx.update(sam_jax.pending_gradient(params), opt_state, params,
+loss_fn=loss_fn, batch=batch, key=key)`. `loss_fn(params, batch, key)` returns
+per-example losses [N] and `key` drives dropout (see `sam_jax.core` for the
+keys of groups and microbatches). Wrappers that act on the gradient (clipping,
+`apply_if_finite`, `MultiSteps`) go inside `sam`, on its optimizer; placed
+before or around it they raise an error (see `sam_jax.pending`).
 """
 
+import dataclasses
 from typing import Any
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from sam_jax import core
 from sam_jax import fisher
+from sam_jax import pending
 from sam_jax import reweighting
 
 ScalarOrSchedule = core.ScalarOrSchedule
 SamMetrics = core.SamMetrics
+
+# The settings that fix array shapes: they cannot be traced values.
+SHAPE_SETTINGS = (
+    "ascent_fraction",
+    "sharpness_m",
+    "num_data_shards",
+    "num_microbatches",
+    "parallel_groups",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeSettings:
+    """A `sam` state's `SHAPE_SETTINGS`: static (no leaves) in its pytree."""
+
+    ascent_fraction: float
+    sharpness_m: int
+    num_data_shards: int
+    num_microbatches: int
+    parallel_groups: int | None
+
+    @classmethod
+    def of(cls, config: core.SamConfig) -> "ShapeSettings":
+        return cls(**{name: getattr(config, name) for name in SHAPE_SETTINGS})
+
+
+jax.tree_util.register_pytree_node(
+    ShapeSettings, lambda settings: ((), settings), lambda settings, _: settings
+)
 
 
 class SamState(NamedTuple):
@@ -44,12 +82,14 @@ class SamState(NamedTuple):
       inner_state: state of the wrapped (descent) optimizer.
       mask_state: `FisherMaskState`, or `optax.EmptyState()` without a mask.
       metrics: `SamMetrics` of the latest step (zeros before the first).
+      shapes: the `ShapeSettings` the state was built for (static, no leaves).
     """
 
     count: jnp.ndarray
     inner_state: optax.OptState
     mask_state: Any
     metrics: SamMetrics
+    shapes: ShapeSettings
 
 
 def init_state(optimizer, params, config: core.SamConfig) -> SamState:
@@ -60,18 +100,24 @@ def init_state(optimizer, params, config: core.SamConfig) -> SamState:
         inner_state=optimizer.init(params),
         mask_state=gradient_state.mask_state,
         metrics=SamMetrics.zeros(),
+        shapes=ShapeSettings.of(config),
     )
 
 
-def check_update_arguments(name: str, updates, params, loss_fn, batch) -> None:
-    """Rejects gradients passed in, and a missing `params`, `loss_fn` or `batch`."""
-    if updates is not None:
-        raise ValueError(
-            f"{name} computes its own gradients: call update(None, state, params, "
-            "loss_fn=..., batch=..., key=...)."
-        )
+def check_update_arguments(name: str, params, loss_fn, batch) -> None:
+    """Rejects a missing `params`, `loss_fn` or `batch`."""
     if params is None or loss_fn is None or batch is None:
         raise ValueError(f"{name}'s update needs `params`, `loss_fn` and `batch`.")
+
+
+def _check_shapes(name: str, state: SamState, config: core.SamConfig) -> None:
+    if state.shapes != ShapeSettings.of(config):
+        raise ValueError(
+            f"This {name} state was built with {state.shapes}, but the transformation has "
+            f"{ShapeSettings.of(config)}: these settings fix array shapes and cannot change "
+            "after init (with optax.inject_hyperparams, leave them unchanged in "
+            "state.hyperparams)."
+        )
 
 
 def sam_transformation(
@@ -95,7 +141,9 @@ def sam_transformation(
         return init_state(optimizer, params, config)
 
     def update_fn(updates, state, params=None, *, loss_fn=None, batch=None, key=None, **extra):
-        check_update_arguments(name, updates, params, loss_fn, batch)
+        request = pending.requested(name, updates)
+        check_update_arguments(name, params, loss_fn, batch)
+        _check_shapes(name, state, config)
         step_config = config if config_of is None else config_of(batch)
         result = core.sam_gradient(
             loss_fn,
@@ -104,13 +152,68 @@ def sam_transformation(
             key,
             core.SamGradientState(state.count, state.mask_state),
             step_config,
+            has_aux=request.has_aux,
         )
+        request.result = result
         updates, inner_state = optimizer.update(result.grads, state.inner_state, params, **extra)
         return updates, SamState(
             count=result.state.count,
             inner_state=inner_state,
             mask_state=result.state.mask_state,
             metrics=result.metrics,
+            shapes=state.shapes,
+        )
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _concrete(value):
+    """A shape setting as a Python number, or None when it is traced."""
+    if not isinstance(value, (jax.Array, np.ndarray)):
+        return value
+    try:
+        return np.asarray(value).item()
+    except jax.errors.TracerArrayConversionError:
+        return None
+
+
+def _traced_settings_transformation(
+    optimizer, settings: dict, traced: dict
+) -> optax.GradientTransformationExtraArgs:
+    """`sam` when `optax.inject_hyperparams` passes traced shape settings.
+
+    The state, built when they were concrete, holds them (`SamState.shapes`);
+    the step uses those, and stops with an error if the traced values differ.
+    """
+
+    def init_fn(params):
+        del params
+        raise ValueError(
+            f"sam's {sorted(traced)} fix array shapes, so they must be concrete when the "
+            "state is built, but they are traced: call tx.init outside jax.jit (with "
+            "optax.inject_hyperparams, or pass it static_args="
+            f"{tuple(sorted(traced))})."
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        shapes = dataclasses.asdict(state.shapes)
+        config = core.SamConfig(**{**settings, **shapes})
+
+        def check(values):
+            changed = {  # compared in the hyperparameter's own dtype (bf16 for bf16 params)
+                name: value.item()
+                for name, value in values.items()
+                if np.asarray(shapes[name], value.dtype) != value
+            }
+            if changed:
+                raise ValueError(
+                    f"sam's shape settings cannot change after init: state.hyperparams has "
+                    f"{changed}, the state was built with {state.shapes}."
+                )
+
+        jax.debug.callback(check, traced)
+        return sam_transformation(optimizer, config, "sam").update(
+            updates, state, params, **extra_args
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -150,12 +253,14 @@ def sam(
       tx = sam_jax.sam(optax.adamw(1e-4), rho=0.05, ascent_fraction=0.25,
                        reweight=sam_jax.delta_sam(eta=1e-4),
                        mask=sam_jax.fisher_mask(sparsity=0.9, interval=100))
-      updates, state = tx.update(None, state, params, loss_fn=loss_fn,
-                                 batch=batch, key=key)
+      step = sam_jax.update_from_loss(tx, opt_state, params, loss_fn, batch, key)
+      params = optax.apply_updates(params, step.updates)
 
     Args:
       optimizer: the descent optimizer (AdamW, Adafactor, any chain).
-      rho: radius ρ ≥ 0, a float or an Optax schedule of the step count.
+      rho: radius ρ ≥ 0, a float or an Optax schedule of the step count. The
+        constant 0 makes every variant plain training at plain cost (one
+        forward and backward pass), so a loop can switch by configuration.
       ascent_fraction: f in (0, 1]; 0.25 reproduces Bahri et al., 1.0 is SAM.
       sharpness_m: the number m ≥ 1 of groups with separate perturbations
         (Bahri et al.'s m; Foret et al.'s m is the group size, N / m).
@@ -176,20 +281,36 @@ def sam(
       parallel_groups: m-sharpness groups computed at once (None: all).
 
     Returns:
-      An `optax.GradientTransformationExtraArgs` whose `update` takes keyword
-      arguments `loss_fn`, `batch` and `key` (required with `reweight`); any
-      other keyword arguments are passed on to `optimizer`.
+      An `optax.GradientTransformationExtraArgs` whose `update` takes
+      `pending_gradient(params)` in place of a gradient and keyword arguments
+      `loss_fn`, `batch` and `key` (required with `reweight`); any other
+      keyword arguments are passed on to `optimizer`.
+
+    `optax.inject_hyperparams(sam)(optimizer=..., rho=0.05, ...)` works without
+    `static_args`: `rho` and `adaptive_eta` become hyperparameters that change
+    the step (a negative ρ is clipped to 0, and `metrics.rho` shows it). The
+    shape settings (`ascent_fraction`, `sharpness_m`, `num_data_shards`,
+    `num_microbatches`, `parallel_groups`) are fixed by `init`, which must then
+    run outside `jax.jit`; changing them in `state.hyperparams` is an error.
     """
-    config = core.SamConfig(
-        rho=rho,
-        ascent_fraction=ascent_fraction,
-        sharpness_m=sharpness_m,
-        reweight=reweight,
-        mask=mask,
-        adaptive=adaptive,
-        adaptive_eta=adaptive_eta,
-        num_data_shards=num_data_shards,
-        num_microbatches=num_microbatches,
-        parallel_groups=parallel_groups,
-    )
-    return sam_transformation(optimizer, config, "sam")
+    shape_settings = {
+        "ascent_fraction": ascent_fraction,
+        "sharpness_m": sharpness_m,
+        "num_data_shards": num_data_shards,
+        "num_microbatches": num_microbatches,
+        "parallel_groups": parallel_groups,
+    }
+    settings = {
+        "rho": rho,
+        "reweight": reweight,
+        "mask": mask,
+        "adaptive": adaptive,
+        "adaptive_eta": adaptive_eta,
+    }
+    traced = {
+        name: v for name, v in shape_settings.items() if _concrete(v) is None and v is not None
+    }
+    if traced:  # optax.inject_hyperparams, under jax.jit
+        return _traced_settings_transformation(optimizer, settings, traced)
+    concrete = {name: _concrete(value) for name, value in shape_settings.items()}
+    return sam_transformation(optimizer, core.SamConfig(**settings, **concrete), "sam")

@@ -52,7 +52,9 @@ def sharded():
     def train(params):
         state = tx.init(params)
         for _ in range(2):
-            updates, state = tx.update(None, state, params, loss_fn=_loss, batch=batch)
+            updates, state = tx.update(
+                sam_jax.pending_gradient(params), state, params, loss_fn=_loss, batch=batch
+            )
             params = optax.apply_updates(params, updates)
         return {"params": params, "opt_state": state, "step": jnp.int32(2)}
 

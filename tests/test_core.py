@@ -63,7 +63,12 @@ def test_sam_transform_is_the_core_gradient_then_the_optimizer(config):
     key = jax.random.key(3)
     tx = sam_jax.sam(optax.adamw(1e-2), **config)
     updates, state = tx.update(
-        None, tx.init(params), params, loss_fn=_dropout_loss, batch=batch, key=key
+        sam_jax.pending_gradient(params),
+        tx.init(params),
+        params,
+        loss_fn=_dropout_loss,
+        batch=batch,
+        key=key,
     )
     result = _gradient(params, batch, key, **config)
     expected, _ = optax.adamw(1e-2).update(result.grads, optax.adamw(1e-2).init(params), params)
@@ -146,7 +151,12 @@ def test_per_instance_sam_gives_example_i_the_key_fold_in_i():
     key = jax.random.key(9)
     tx = sam_jax.per_instance_sam(optax.sgd(1.0))
     updates, _ = tx.update(
-        None, tx.init(params), params, loss_fn=_dropout_loss, batch=batch, key=key
+        sam_jax.pending_gradient(params),
+        tx.init(params),
+        params,
+        loss_fn=_dropout_loss,
+        batch=batch,
+        key=key,
     )
     per_example = [
         _gradient(

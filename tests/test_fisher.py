@@ -219,7 +219,9 @@ def test_an_fsam_step_at_t5_1_1_base_shapes_fits_in_plain_plus_one_parameter_cop
     fsam = sam_jax.sam(adamw, rho=0.15, mask=sam_jax.fisher_mask(num_samples=8))
 
     def fsam_step(p, state, batch):  # the state's count is 0: this step refreshes the mask
-        updates, state = fsam.update(None, state, p, loss_fn=loss_fn, batch=batch)
+        updates, state = fsam.update(
+            sam_jax.pending_gradient(p), state, p, loss_fn=loss_fn, batch=batch
+        )
         return optax.apply_updates(p, updates), state
 
     batch = batch_of(8)

@@ -4,6 +4,7 @@ The wheel is built offline from a copy of the sources (setuptools writes build/ 
 *.egg-info/ into the tree it builds), with the environment's setuptools.
 """
 
+import ast
 import importlib.util
 import os
 import pathlib
@@ -137,3 +138,39 @@ def test_installed_train_parses_gin_files_and_includes_outside_the_repository(in
     module_file, gin_dir = result.stdout.split()[-2:]
     assert pathlib.Path(module_file) == installed / "sam_jax" / "train.py"
     assert pathlib.Path(gin_dir) == installed / "sam_jax" / "gin"
+
+
+# Imports the whole core with the training stack made unimportable.
+CORE_WITHOUT_TRAINING_STACK = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BLOCKED}:
+            raise ImportError(f"blocked: {name}")
+
+sys.meta_path.insert(0, Block())
+import sam_jax
+from sam_jax import batching, core, fisher, loss_update, pending, per_instance
+from sam_jax import perturbation, reweighting, sharpness, transform
+"""
+TRAINING_STACK = ("flax", "orbax", "tensorstore", "seqio", "gin", "tensorflow", "clu", "t5x")
+
+
+def test_the_core_imports_without_the_training_stack():
+    code = CORE_WITHOUT_TRAINING_STACK.replace("{BLOCKED}", repr(set(TRAINING_STACK)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_the_core_install_requires_only_jax_optax_and_numpy():
+    tree = ast.parse((REPO / "setup.py").read_text())
+    core = next(
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and node.targets[0].id == "CORE"
+    )
+    names = {ast.literal_eval(item).split(">")[0].split("[")[0] for item in core.elts}
+    assert names == {"jax", "optax", "numpy"}

@@ -315,7 +315,14 @@ def _sam_steps(num_partitions: int, num_steps: int = 3) -> dict:
     state = partitioner.partition(tx.init, (param_shardings,), state_shardings)(params)
 
     def step(params, state, batch):
-        updates, state = tx.update(None, state, params, loss_fn=_mlp_loss, batch=batch, key=None)
+        updates, state = tx.update(
+            sam_jax.pending_gradient(params),
+            state,
+            params,
+            loss_fn=_mlp_loss,
+            batch=batch,
+            key=None,
+        )
         return optax.apply_updates(params, updates), state
 
     batch_sharding = jax.tree.map(lambda _: partitioner.data_sharding(), local)

@@ -200,7 +200,9 @@ def _toy_loss(params, batch, key):
 
 def _ascent_step(params, reweight, direction, present_of=None, **config):
     config = core.SamConfig(reweight=reweight, **config)
-    return core.StepContext(config, _toy_loss, False, present_of, params, 0.5, direction, None)
+    return core.StepContext(
+        config, _toy_loss, False, present_of, params, 0.5, direction, None, batch_examples=None
+    )
 
 
 @pytest.mark.parametrize("count, shards", [(1, 1), (2, 2), (4, 1)])

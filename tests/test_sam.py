@@ -15,7 +15,14 @@ from sam_jax import transform
 
 def _sgd_step(tx, params, batch, key=None, state=None):
     state = tx.init(params) if state is None else state
-    updates, state = tx.update(None, state, params, loss_fn=reference.loss_fn, batch=batch, key=key)
+    updates, state = tx.update(
+        sam_jax.pending_gradient(params),
+        state,
+        params,
+        loss_fn=reference.loss_fn,
+        batch=batch,
+        key=key,
+    )
     return optax.apply_updates(params, updates), state
 
 
@@ -265,7 +272,12 @@ def test_extra_args_reach_the_inner_optimizer():
     tx = sam_jax.sam(inner)
     state = tx.init(params)
     _, state = tx.update(
-        None, state, params, loss_fn=reference.loss_fn, batch=batch, value=jnp.float32(3.0)
+        sam_jax.pending_gradient(params),
+        state,
+        params,
+        loss_fn=reference.loss_fn,
+        batch=batch,
+        value=jnp.float32(3.0),
     )
     assert float(state.inner_state[1].best_value) == 3.0
 
@@ -287,7 +299,9 @@ def _all_variants():
 
 def _train(tx, params, batch, steps=3, jit=True):
     def step(p, s, key):
-        updates, s = tx.update(None, s, p, loss_fn=reference.loss_fn, batch=batch, key=key)
+        updates, s = tx.update(
+            sam_jax.pending_gradient(p), s, p, loss_fn=reference.loss_fn, batch=batch, key=key
+        )
         return optax.apply_updates(p, updates), s
 
     step = jax.jit(step) if jit else step
@@ -397,7 +411,9 @@ def _mlp_loss(params, batch, key):
 
 def _mlp_step(tx):
     def step(p, s, key, b):
-        updates, s = tx.update(None, s, p, loss_fn=_mlp_loss, batch=b, key=key)
+        updates, s = tx.update(
+            sam_jax.pending_gradient(p), s, p, loss_fn=_mlp_loss, batch=b, key=key
+        )
         return optax.apply_updates(p, updates), s
 
     return jax.jit(step)
@@ -465,7 +481,14 @@ def test_state_round_trips_through_an_orbax_checkpoint(tmp_path):
         assert x.dtype == y.dtype
     # The restored state continues exactly like the original one.
     step = jax.jit(
-        lambda s: tx.update(None, s, params, loss_fn=reference.loss_fn, batch=batch, key=None)
+        lambda s: tx.update(
+            sam_jax.pending_gradient(params),
+            s,
+            params,
+            loss_fn=reference.loss_fn,
+            batch=batch,
+            key=None,
+        )
     )
     _assert_trees_close(step(state), step(restored), rtol=0, atol=0)
 
@@ -496,7 +519,13 @@ def test_bfloat16_parameters_are_perturbed_in_float32_and_kept_exactly():
 
     original = jax.tree.map(np.asarray, params)
     tx = sam_jax.sam(optax.sgd(0.1), rho=0.05)
-    updates, state = tx.update(None, tx.init(params), params, loss_fn=recording_loss, batch=batch)
+    updates, state = tx.update(
+        sam_jax.pending_gradient(params),
+        tx.init(params),
+        params,
+        loss_fn=recording_loss,
+        batch=batch,
+    )
     ascent_params, descent_params = seen
     # w is untouched (the transform never writes w + ε − ε back), and the ascent is at w.
     for x, y, z in zip(*map(jax.tree.leaves, (params, original, ascent_params)), strict=True):
@@ -524,7 +553,12 @@ def test_bfloat16_activations_still_give_a_float32_perturbation_of_norm_rho():
     for kwargs in _all_variants().values():
         tx = sam_jax.sam(optax.adamw(1e-2), rho=0.05, **kwargs)
         updates, state = tx.update(
-            None, tx.init(params), params, loss_fn=bf16_loss, batch=batch, key=jax.random.key(0)
+            sam_jax.pending_gradient(params),
+            tx.init(params),
+            params,
+            loss_fn=bf16_loss,
+            batch=batch,
+            key=jax.random.key(0),
         )
         assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(updates))
         assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates))
@@ -549,7 +583,14 @@ def test_delta_sam_passes_share_the_dropout_key(probe, passes):
     rule = sam_jax.delta_sam(probe=probe)
     tx = sam_jax.sam(optax.sgd(0.1), ascent_fraction=0.25, reweight=rule)
     key = jax.random.key(11)
-    tx.update(None, tx.init(params), params, loss_fn=recording_loss, batch=batch, key=key)
+    tx.update(
+        sam_jax.pending_gradient(params),
+        tx.init(params),
+        params,
+        loss_fn=recording_loss,
+        batch=batch,
+        key=key,
+    )
     assert len(keys) == passes
     for k in keys:
         np.testing.assert_array_equal(jax.random.key_data(k), jax.random.key_data(key))
@@ -609,7 +650,7 @@ def test_update_rejects_a_scalar_loss():
     tx = sam_jax.sam(optax.sgd(0.1))
     with pytest.raises(ValueError, match="per-example losses of shape"):
         tx.update(
-            None,
+            sam_jax.pending_gradient(params),
             tx.init(params),
             params,
             loss_fn=lambda p, b, k: jnp.mean(reference.loss_fn(p, b, k)),
@@ -620,10 +661,16 @@ def test_update_rejects_a_scalar_loss():
 def test_update_rejects_gradients_and_a_missing_key_for_delta_sam():
     params, batch = reference.make_problem(num_examples=8)
     tx = sam_jax.sam(optax.sgd(0.1), reweight=sam_jax.delta_sam())
-    with pytest.raises(ValueError, match="computes its own gradients"):
+    with pytest.raises(ValueError, match="takes sam_jax.pending_gradient"):
         tx.update(params, tx.init(params), params, loss_fn=reference.loss_fn, batch=batch)
     with pytest.raises(ValueError, match="pass `key`"):
-        tx.update(None, tx.init(params), params, loss_fn=reference.loss_fn, batch=batch)
+        tx.update(
+            sam_jax.pending_gradient(params),
+            tx.init(params),
+            params,
+            loss_fn=reference.loss_fn,
+            batch=batch,
+        )
 
 
 @pytest.mark.parametrize("variant", list(_all_variants()))
@@ -669,9 +716,113 @@ def test_microbatched_delta_sam_with_a_microbatched_ascent_equals_the_full_step(
     for tx in (full_tx, micro_tx):
         state = tx.init(params)
         updates, state = tx.update(
-            None, state, params, loss_fn=deterministic_loss, batch=batch, key=jax.random.key(0)
+            sam_jax.pending_gradient(params),
+            state,
+            params,
+            loss_fn=deterministic_loss,
+            batch=batch,
+            key=jax.random.key(0),
         )
         results.append((updates, state.metrics))
     _assert_trees_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-7)
     # The smallest weight is the noisiest fp32 finite difference (see the sharded test).
     _assert_trees_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-4)
+
+
+# --- optax.inject_hyperparams ---------------------------------------------------------------
+
+
+def _injected(**kwargs):
+    return optax.inject_hyperparams(sam_jax.sam)(optimizer=optax.sgd(0.1), **kwargs)
+
+
+def _jit_step(tx, params, batch, state):
+    @jax.jit
+    def step(state, params):
+        return sam_jax.update_from_loss(tx, state, params, reference.loss_fn, batch)
+
+    return step(state, params)
+
+
+def test_inject_hyperparams_without_static_args_equals_sam():
+    """Shape settings given as numbers become traced hyperparameters: the step still equals sam."""
+    params, batch = reference.make_problem(num_examples=16)
+    settings = dict(rho=0.05, ascent_fraction=0.25, sharpness_m=2, num_microbatches=2)
+    tx = _injected(**settings)
+    state = tx.init(params)
+    injected = _jit_step(tx, params, batch, state)
+    expected = _jit_step(
+        sam_jax.sam(optax.sgd(0.1), **settings),
+        params,
+        batch,
+        sam_jax.sam(optax.sgd(0.1), **settings).init(params),
+    )
+    _assert_trees_close(injected.updates, expected.updates, rtol=0, atol=0)
+    assert float(injected.opt_state.hyperparams["rho"]) == pytest.approx(0.05)
+
+
+def test_an_injected_rho_changes_the_step():
+    params, batch = reference.make_problem()
+    tx = _injected(rho=0.05)
+    state = tx.init(params)
+    state.hyperparams["rho"] = jnp.asarray(0.2, jnp.float32)
+    step = _jit_step(tx, params, batch, state)
+    x, y = map(np.asarray, batch)
+    gw, gb = reference.np_sam_gradient(np.asarray(params["w"]), np.asarray(params["b"]), x, y, 0.2)
+    np.testing.assert_allclose(step.updates["w"], -0.1 * gw, rtol=1e-5)
+    np.testing.assert_allclose(step.updates["b"], -0.1 * gb, rtol=1e-5)
+    np.testing.assert_allclose(step.metrics.rho, 0.2)
+
+
+@pytest.mark.parametrize("how", ["injected", "schedule"])
+def test_a_negative_traced_rho_is_clipped_to_zero_and_shown(how):
+    params, batch = reference.make_problem()
+    if how == "injected":
+        tx = _injected(rho=0.05)
+        state = tx.init(params)
+        state.hyperparams["rho"] = jnp.asarray(-0.1, jnp.float32)
+    else:
+        tx = sam_jax.sam(optax.sgd(0.1), rho=lambda count: -0.1 + 0.0 * count)
+        state = tx.init(params)
+    step = _jit_step(tx, params, batch, state)
+    plain = _jit_step(optax.sgd(0.1), params, batch, optax.sgd(0.1).init(params))
+    assert float(step.metrics.rho) == 0.0
+    assert float(step.metrics.perturbation_norm) == 0.0
+    _assert_trees_close(step.updates, plain.updates, rtol=1e-6, atol=1e-7)
+
+
+def test_a_negative_constant_rho_is_refused():
+    with pytest.raises(ValueError, match="rho must be ≥ 0"):
+        sam_jax.sam(optax.sgd(0.1), rho=-0.1)
+
+
+def test_changing_an_injected_shape_setting_is_an_error():
+    params, batch = reference.make_problem(num_examples=16)
+    tx = _injected(rho=0.05, ascent_fraction=0.25)
+    state = tx.init(params)
+    state.hyperparams["ascent_fraction"] = jnp.asarray(0.5, jnp.float32)
+    with pytest.raises(Exception, match="shape settings cannot change after init"):
+        jax.block_until_ready(_jit_step(tx, params, batch, state))
+        jax.effects_barrier()
+    with pytest.raises(ValueError, match="cannot change after init"):  # eager: concrete values
+        sam_jax.update_from_loss(tx, state, params, reference.loss_fn, batch)
+
+
+def test_inject_hyperparams_init_under_jit_says_what_to_do():
+    params, _ = reference.make_problem()
+    tx = _injected(rho=0.05, ascent_fraction=0.5)
+    with pytest.raises(ValueError, match=r"call tx.init outside jax.jit.*static_args"):
+        jax.jit(tx.init)(params)
+
+
+def test_a_state_of_other_shape_settings_is_refused():
+    params, batch = reference.make_problem(num_examples=16)
+    state = sam_jax.sam(optax.sgd(0.1), ascent_fraction=0.5).init(params)
+    with pytest.raises(ValueError, match="cannot change after init"):
+        sam_jax.update_from_loss(
+            sam_jax.sam(optax.sgd(0.1), ascent_fraction=0.25),
+            state,
+            params,
+            reference.loss_fn,
+            batch,
+        )
