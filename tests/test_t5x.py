@@ -25,10 +25,12 @@ import pytest
 if importlib.util.find_spec("t5x") is None:  # only T5X's absence skips
     pytest.skip("T5X is not installed (not on PyPI; see the README)", allow_module_level=True)
 
+import flax.linen as flax_linen  # noqa: E402
 import gin  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import seqio  # noqa: E402
+from flax.linen import partitioning as flax_partitioning  # noqa: E402
 from t5x import adafactor  # noqa: E402
 from t5x import checkpoints  # noqa: E402
 from t5x import gin_utils  # noqa: E402
@@ -37,6 +39,7 @@ from t5x import optimizers  # noqa: E402
 from t5x import partitioning  # noqa: E402
 from t5x import train as t5x_train  # noqa: E402
 from t5x import train_state as train_state_lib  # noqa: E402
+from t5x import trainer as trainer_lib  # noqa: E402
 from t5x import utils as t5x_utils  # noqa: E402
 from t5x.examples.t5 import network  # noqa: E402
 
@@ -45,6 +48,7 @@ import sam_jax  # noqa: E402
 import sam_jax.t5x  # noqa: E402
 import tasks  # noqa: E402, F401  (registers demo_cbqa)
 from sam_jax.t5x import per_example  # noqa: E402
+from sam_jax.t5x import trainer as sam_trainer  # noqa: E402
 
 # T5X's partitioner enters its mesh with `with mesh:`, which JAX deprecates; that
 # warning is T5X's, not ours (a mark overrides `-W error::DeprecationWarning`).
@@ -317,15 +321,18 @@ def test_each_gin_file_is_one_include_for_a_finetune_run(gin_config, tmp_path, g
     gin_utils.parse_gin_flags(
         [str(tmp_path), REPO],
         ["model_like.gin", "finetune_like.gin", f"gin/t5x/{gin_file}"],
-        ["SamTrainer.rho = 0.123", "SamTrainer.num_microbatches = 2"],
+        ["SamTrainer.rho = 0.123", "trainer.Trainer.num_microbatches = 2"],
     )
 
     trainer_cls = gin.query_parameter("train_script.train.trainer_cls")
     assert trainer_cls.configurable.wrapped is sam_jax.t5x.SamTrainer
     assert gin.query_parameter("SamTrainer.rho") == 0.123
-    assert gin.query_parameter("SamTrainer.num_microbatches") == 2
-    learning_rate_fn = gin.query_parameter("SamTrainer.learning_rate_fn")
-    assert learning_rate_fn.scoped_configurable_fn()(0) == pytest.approx(LEARNING_RATE)
+    # T5X's bindings on trainer.Trainer reach SamTrainer.
+    inherited = sam_trainer.carried_over(
+        sam_jax.t5x.SamTrainer, dict.fromkeys(sam_trainer.CARRIED_OVER)
+    )
+    assert inherited["num_microbatches"] == 2
+    assert inherited["learning_rate_fn"](0) == pytest.approx(LEARNING_RATE)
     reweight = gin.query_parameter("SamTrainer.reweight")
     optimizer_def = gin.query_parameter("models.EncoderDecoderModel.optimizer_def")
     if gin_file == "delta_sam.gin":
@@ -333,9 +340,12 @@ def test_each_gin_file_is_one_include_for_a_finetune_run(gin_config, tmp_path, g
     else:
         assert reweight is None
     if gin_file == "fsam.gin":
-        wrapper = optimizer_def.scoped_configurable_fn()
-        assert isinstance(wrapper, sam_jax.t5x.FisherMaskOptimizer)
-        assert isinstance(wrapper.optimizer, adafactor.Adafactor)
+        assert gin.query_parameter("SamTrainer.fisher_mask_required")
+        for model_class in ("EncoderDecoderModel", "DecoderOnlyModel"):
+            wrapped = gin.query_parameter(f"models.{model_class}.optimizer_def")
+            wrapper = wrapped.scoped_configurable_fn()
+            assert isinstance(wrapper, sam_jax.t5x.FisherMaskOptimizer)
+            assert isinstance(wrapper.optimizer, adafactor.Adafactor)
         transformations = gin.query_parameter(
             "utils.RestoreCheckpointConfig.state_transformation_fns"
         )
@@ -344,6 +354,53 @@ def test_each_gin_file_is_one_include_for_a_finetune_run(gin_config, tmp_path, g
         ]
     else:
         assert isinstance(optimizer_def.scoped_configurable_fn(), adafactor.Adafactor)
+
+
+def test_trainer_bindings_carry_over_and_a_conflict_or_no_learning_rate_fails(gin_config, tmp_path):
+    (tmp_path / "finetune_like.gin").write_text(
+        FINETUNE_LIKE_GIN.format(learning_rate=LEARNING_RATE)
+    )
+    (tmp_path / "weight_metrics.gin").write_text(
+        "from __gin__ import dynamic_registration\n"
+        "from t5x import trainer\n"
+        "trainer.Trainer.weight_metrics_computer = @trainer.WeightMetricsComputer()\n"
+    )
+    unset = dict.fromkeys(sam_trainer.CARRIED_OVER)
+    gin_utils.parse_gin_flags(
+        [str(tmp_path), REPO],
+        ["finetune_like.gin", "weight_metrics.gin", "gin/t5x/sam.gin"],
+        ["trainer.Trainer.num_microbatches = 4"],
+    )
+    inherited = sam_trainer.carried_over(sam_jax.t5x.SamTrainer, unset)
+    assert inherited["num_microbatches"] == 4
+    assert isinstance(inherited["weight_metrics_computer"], trainer_lib.WeightMetricsComputer)
+    gin.clear_config()
+    gin_utils.parse_gin_flags(
+        [str(tmp_path), REPO],
+        ["finetune_like.gin", "gin/t5x/sam.gin"],
+        ["trainer.Trainer.num_microbatches = 4", "SamTrainer.num_microbatches = 2"],
+    )
+    with pytest.raises(ValueError, match="are both bound"):
+        sam_trainer.carried_over(sam_jax.t5x.SamTrainer, {**unset, "num_microbatches": 2})
+    gin.clear_config()
+    gin_utils.parse_gin_flags([REPO], ["gin/t5x/sam.gin"], [])
+    with pytest.raises(ValueError, match="needs a learning rate"):
+        sam_trainer.carried_over(sam_jax.t5x.SamTrainer, unset)
+
+
+def test_fsam_without_the_mask_optimizer_is_an_error(initialize, partitioner):
+    """fsam.gin wraps two model classes' optimizers; on any other, FSAM must not become SAM."""
+    model, state, axes = initialize(adafactor_optimizer())
+    with pytest.raises(ValueError, match=r"EncoderDecoderModel.optimizer_def = @sam_jax"):
+        make_trainer(
+            sam_jax.t5x.SamTrainer,
+            model,
+            state,
+            axes,
+            partitioner,
+            learning_rate_fn=lambda step: LEARNING_RATE,
+            fisher_mask_required=True,
+        )
 
 
 def ascent_rows(batch, fraction):
@@ -1004,3 +1061,100 @@ def test_t5x_train_with_fsam_resumes_exactly_from_its_orbax_checkpoint(gin_confi
     assert max(resumed_summaries) == 2
     for name in SAM_METRICS + ("loss",):
         assert resumed_summaries[2][name] == first_summaries[2][name], name
+
+
+# --------------------------------------------------------------------------- #
+# Decoder-only models (T5X's DecoderOnlyModel), packed prefix-LM batches.
+# --------------------------------------------------------------------------- #
+
+
+class TinyDecoder(flax_linen.Module):
+    """A causal bag-of-prefix language model: position t sees the mean embedding of ≤ t."""
+
+    vocab_size: int
+    width: int = 8
+
+    @flax_linen.compact
+    def __call__(
+        self,
+        decoder_input_tokens,
+        decoder_target_tokens,
+        decoder_segment_ids=None,
+        decoder_positions=None,
+        decoder_causal_attention=None,
+        enable_dropout=True,
+        decode=False,
+        **unused,
+    ):
+        del decoder_target_tokens, decoder_positions, decoder_causal_attention, decode, unused
+        init = flax_linen.initializers.normal(0.5)
+        embedding = flax_partitioning.param_with_axes(
+            "embedding", init, (self.vocab_size, self.width), axes=("vocab", "embed")
+        )
+        output = flax_partitioning.param_with_axes(
+            "output", init, (self.width, self.vocab_size), axes=("embed", "vocab")
+        )
+        x = embedding[decoder_input_tokens.astype(jnp.int32)]
+        if decoder_segment_ids is None:
+            decoder_segment_ids = jnp.ones(decoder_input_tokens.shape, jnp.int32)
+        # A token sees the earlier tokens of its own packed segment.
+        same = decoder_segment_ids[:, :, None] == decoder_segment_ids[:, None, :]
+        length = decoder_input_tokens.shape[1]
+        visible = same & (jnp.arange(length)[None, :, None] >= jnp.arange(length)[None, None, :])
+        mixed = jnp.einsum("bts,bsd->btd", visible, x) / jnp.maximum(
+            jnp.sum(visible, -1, keepdims=True), 1
+        )
+        mixed = flax_linen.Dropout(0.1)(mixed, deterministic=not enable_dropout)
+        return mixed @ output
+
+
+def test_a_decoder_only_model_takes_the_hand_computed_sam_step(partitioner):
+    converter = seqio.PrefixLMFeatureConverter(pack=True)
+    task = seqio.get_mixture_or_task(TASK)
+    examples = task.get_dataset(FEATURE_LENGTHS, split="train", shuffle=False, use_cached=False)
+    lengths = {"inputs": FEATURE_LENGTHS["inputs"], "targets": FEATURE_LENGTHS["targets"]}
+    rows = converter(examples, lengths).repeat().batch(BATCH_SIZE, drop_remainder=True)
+    batch = {k: np.asarray(v) for k, v in next(rows.as_numpy_iterator()).items()}
+    assert batch["decoder_segment_ids"].max() >= 2, "the batch should be packed"
+    model = models.DecoderOnlyModel(
+        module=TinyDecoder(TINY_CONFIG.vocab_size),
+        vocabulary=VOCABULARY,
+        optimizer_def=optimizers.sgd(1.0),
+    )
+    shapes = {k: v.shape for k, v in batch.items()}
+    variables = model.get_initial_variables(jax.random.PRNGKey(0), shapes)
+    state = train_state_lib.FlaxOptimTrainState.create(model.optimizer_def, variables)
+    axes = partitioner.get_mesh_axes(state)
+    initial = host(state)
+    state = partitioner.partition(lambda s: s, in_axis_resources=None, out_axis_resources=axes)(
+        state
+    )
+    rho = 0.3
+    with make_trainer(
+        sam_jax.t5x.SamTrainer,
+        model,
+        state,
+        axes,
+        partitioner,
+        learning_rate_fn=lambda step: LEARNING_RATE,
+        rho=rho,
+        ascent_fraction=0.25,
+    ) as trainer:
+        metrics = train(trainer, [batch])
+        trained = host(trainer.train_state.params)
+
+    dropout_rng = jax.random.fold_in(jax.random.PRNGKey(1), 0)
+
+    def loss(params, examples):
+        return model.loss_fn(params, examples, dropout_rng)[0]
+
+    ascent_grads = jax.grad(loss)(initial.params, ascent_rows(batch, 0.25))
+    grad_norm = np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(ascent_grads)))
+    adversarial = jax.tree.map(lambda w, g: w + rho * g / grad_norm, initial.params, ascent_grads)
+    descent_grads = jax.grad(loss)(adversarial, batch)
+    expected = host(initial.apply_gradient(descent_grads, learning_rate=LEARNING_RATE).params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), trained, expected
+    )
+    assert metrics["sam/perturbation_norm"] == pytest.approx(rho, rel=1e-4)
+    assert all(name in metrics for name in SAM_METRICS)

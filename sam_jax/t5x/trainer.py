@@ -22,6 +22,7 @@ import dataclasses
 
 import cached_property
 import clu.metrics
+import gin
 import jax
 import jax.numpy as jnp
 from t5x import trainer as trainer_lib
@@ -48,6 +49,62 @@ def _merge_pieces(metrics, num_stacked_axes: int):
         piece = jax.tree.map(lambda x, i=index: x[i], flat)
         merged = trainer_lib.merge_metrics(merged, piece)
     return merged
+
+
+# T5X's Trainer arguments that T5X's gin files bind on `trainer.Trainer`; a
+# binding there does not reach a subclass, so SamTrainer carries it over.
+CARRIED_OVER = ("learning_rate_fn", "num_microbatches", "weight_metrics_computer")
+
+
+def _gin_bindings(configurable, resolve_references: bool) -> dict:
+    try:
+        return gin.get_bindings(configurable, resolve_references=resolve_references)
+    except ValueError:  # not registered with gin: nothing bound
+        return {}
+
+
+def carried_over(sam_trainer_cls, arguments: dict) -> dict:
+    """`CARRIED_OVER` arguments: SamTrainer's own, else those gin binds on T5X's `Trainer`.
+
+    Args:
+      sam_trainer_cls: the SamTrainer class (its own gin bindings are compared).
+      arguments: the `CARRIED_OVER` arguments SamTrainer received (None: unset).
+
+    Raises:
+      ValueError: both `trainer.Trainer` and `SamTrainer` bind one of them to
+        different values, or no learning rate is bound anywhere.
+    """
+    theirs = _gin_bindings(trainer_lib.Trainer, resolve_references=False)
+    ours = _gin_bindings(sam_trainer_cls, resolve_references=False)
+    for name in CARRIED_OVER:
+        if name in theirs and name in ours and repr(theirs[name]) != repr(ours[name]):
+            raise ValueError(
+                f"trainer.Trainer.{name} = {theirs[name]!r} and sam_jax.t5x.SamTrainer."
+                f"{name} = {ours[name]!r} are both bound: bind one (SamTrainer takes "
+                f"trainer.Trainer's {name} when its own is not bound)."
+            )
+    missing = [name for name in CARRIED_OVER if arguments[name] is None and name in theirs]
+    resolved = _gin_bindings(trainer_lib.Trainer, resolve_references=True) if missing else {}
+    values = {name: resolved.get(name, arguments[name]) for name in CARRIED_OVER}
+    if values["learning_rate_fn"] is None:
+        raise ValueError(
+            "SamTrainer needs a learning rate: bind trainer.Trainer.learning_rate_fn (T5X's "
+            "runs/finetune.gin does) or sam_jax.t5x.SamTrainer.learning_rate_fn."
+        )
+    return values
+
+
+def check_fisher_mask_optimizer(model) -> None:
+    """Rejects a model whose optimizer is not a `FisherMaskOptimizer` (FSAM would be SAM)."""
+    if isinstance(model.optimizer_def, optimizer_lib.FisherMaskOptimizer):
+        return
+    name = type(model).__name__
+    raise ValueError(
+        f"FSAM needs the model's optimizer wrapped in sam_jax.t5x.FisherMaskOptimizer, but "
+        f"this {name}'s optimizer_def is {type(model.optimizer_def).__name__}: fsam.gin wraps "
+        "models.EncoderDecoderModel's and models.DecoderOnlyModel's; for this model class "
+        f"bind {name}.optimizer_def = @sam_jax.t5x.FisherMaskOptimizer() too."
+    )
 
 
 class SamTrainer(trainer_lib.Trainer):
@@ -87,9 +144,11 @@ class SamTrainer(trainer_lib.Trainer):
       summary_dir: where TensorBoard summaries go, or None.
       train_state_axes: partitioning of the train state.
       rng: base PRNG key, folded with the step for dropout.
-      learning_rate_fn: the learning rate of a step.
+      learning_rate_fn: the learning rate of a step; None takes gin's binding
+        of `trainer.Trainer.learning_rate_fn` (T5X's runs/finetune.gin binds it).
       num_microbatches: gradient accumulation of the descent pass (and of the
-        ascent pass, in as few microbatches as keep each no larger), or None.
+        ascent pass, in as few microbatches as keep each no larger); None takes
+        gin's binding of `trainer.Trainer.num_microbatches`, else 1.
       rho: radius ρ ≥ 0, a float or a schedule of the step (0.05 for T5 Small,
         0.15 for Base and larger in Bahri et al.).
       ascent_fraction: f in (0, 1], the ascent micro-batch's share of the batch
@@ -100,8 +159,14 @@ class SamTrainer(trainer_lib.Trainer):
         weighted on its own (and counted as one of the rule's examples).
       adaptive: ASAM's scale-adaptive perturbation.
       adaptive_eta: η > 0 of ASAM's T_w = |w| + η.
-      weight_metrics_computer: T5X's optional weight metrics.
+      weight_metrics_computer: T5X's optional weight metrics; None takes gin's
+        binding of `trainer.Trainer.weight_metrics_computer`. Binding any of
+        these three on both `trainer.Trainer` and `SamTrainer`, differently,
+        is an error.
       parallel_groups: m-sharpness groups computed at once (None: all).
+      fisher_mask_required: the run asked for FSAM (`gin/t5x/fsam.gin` sets
+        it): an error unless the model's optimizer is a `FisherMaskOptimizer`,
+        rather than silently plain SAM.
     """
 
     def __init__(
@@ -113,8 +178,8 @@ class SamTrainer(trainer_lib.Trainer):
         summary_dir,
         train_state_axes,
         rng,
-        learning_rate_fn,
-        num_microbatches,
+        learning_rate_fn=None,
+        num_microbatches=None,
         rho: core.ScalarOrSchedule = 0.05,
         ascent_fraction: float = 1.0,
         sharpness_m: int = 1,
@@ -123,10 +188,22 @@ class SamTrainer(trainer_lib.Trainer):
         adaptive_eta: float = 0.01,
         weight_metrics_computer=None,
         parallel_groups: int | None = None,
+        fisher_mask_required: bool = False,
     ):
         if train_state.flax_mutables:
             raise ValueError("SamTrainer does not support models with flax mutable collections.")
+        inherited = carried_over(
+            type(self),
+            {
+                "learning_rate_fn": learning_rate_fn,
+                "num_microbatches": num_microbatches,
+                "weight_metrics_computer": weight_metrics_computer,
+            },
+        )
+        num_microbatches = inherited["num_microbatches"]
         optimizer_def = model.optimizer_def
+        if fisher_mask_required:
+            check_fisher_mask_optimizer(model)
         self._mask = (
             optimizer_def.mask
             if isinstance(optimizer_def, optimizer_lib.FisherMaskOptimizer)
@@ -153,9 +230,7 @@ class SamTrainer(trainer_lib.Trainer):
             summary_dir=summary_dir,
             train_state_axes=train_state_axes,
             rng=rng,
-            learning_rate_fn=learning_rate_fn,
-            num_microbatches=num_microbatches,
-            weight_metrics_computer=weight_metrics_computer,
+            **inherited,
         )
 
     @cached_property.cached_property
