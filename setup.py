@@ -3,14 +3,15 @@
 import setuptools
 
 # The core (`import sam_jax`: the transforms, `sam_gradient`, `update_from_loss`) needs
-# only jax, optax and numpy. Lower bounds: the core's tests also pass with the oldest
-# releases named in CORE_TESTED_OLDEST (.ci/run installs them in a second venv and runs
-# those tests); everything else was tested with the newest releases. Upper bounds stop
-# at the next minor release, whose API we have not tested.
+# only jax, optax and numpy. Its lower bounds are the oldest releases its tests ran with:
+# .ci/run installs .ci/core_oldest.txt in a second venv and runs them (jax 0.7.1,
+# optax 0.2.5, numpy 1.26.4; before jax 0.5 sharded random numbers differ, before
+# optax 0.2.5 `optax.tree` is missing). The extras were tested with the newest releases.
+# Upper bounds stop at the next minor release, whose API we have not tested.
 CORE = [
-    "jax>=0.10.2,<0.11",
-    "optax>=0.2.8,<0.3",
-    "numpy>=2.0,<3",
+    "jax>=0.7.1,<0.11",
+    "optax>=0.2.5,<0.3",
+    "numpy>=1.26.4,<3",
 ]
 # sam_jax.flax_linen (TrainState.apply_loss) and sam_jax.flax_nnx (update).
 FLAX = ["flax>=0.12.8,<0.13"]
@@ -38,7 +39,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=[
-        *setuptools.find_packages(include=["sam_jax", "sam_jax.*", "tasks", "tasks.*"]),
+        *setuptools.find_packages(include=["sam_jax", "sam_jax.*"]),
         "sam_jax.gin",
     ],
     # The gin configs stay in the repository's gin/ directory (run from the repository
@@ -46,7 +47,7 @@ setuptools.setup(
     # sam_jax.train looks for them. `**` needs setuptools >= 62.3 (Python 3.11 ships 65.5).
     package_dir={"sam_jax.gin": "gin"},
     # The demo tasks' SentencePiece vocabulary ships with the tasks package.
-    package_data={"sam_jax.gin": ["**/*.gin"], "tasks": ["data/*.model"]},
+    package_data={"sam_jax.gin": ["**/*.gin"], "sam_jax.tasks": ["data/*.model"]},
     python_requires=">=3.11",
     install_requires=CORE,
     extras_require={"flax": FLAX, "train": TRAIN, "test": TEST, "tpu": TPU},

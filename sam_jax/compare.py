@@ -28,10 +28,10 @@ from absl import flags
 from absl import logging
 from jax.experimental.compilation_cache import compilation_cache as compilation_cache_lib
 
-import tasks  # noqa: F401  (registers the demo tasks)
 from sam_jax import summaries
+from sam_jax import tasks  # noqa: F401  (registers the demo tasks)
 from sam_jax import train as train_lib
-from tasks import demo
+from sam_jax.tasks import demo
 
 # (name, gin files and bindings added to the common ones).
 VARIANTS = (

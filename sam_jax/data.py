@@ -19,7 +19,7 @@ Evaluation reads every sub-task of a mixture that has metrics, unshuffled, into
 padded batches with an `example_mask`, along with the postprocessed targets
 that seqio metric functions take.
 
-Tasks and mixtures must be registered first (`import tasks` for this project's).
+Tasks and mixtures must be registered first (`import sam_jax.tasks` for this project's).
 """
 
 import difflib
@@ -75,7 +75,7 @@ def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
         listed += f", ... ({len(names) - _MAX_NAMES_LISTED} more)"
     raise ValueError(
         f"Unknown seqio task or mixture {name!r}.{hint} Registered ({len(names)}): "
-        f"{listed or 'none'}. Import the module that registers it (e.g. `import tasks`)."
+        f"{listed or 'none'}. Import the module that registers it (e.g. `import sam_jax.tasks`)."
     )
 
 

@@ -15,6 +15,7 @@ silently skipped.
 """
 
 import jax
+import jax.numpy as jnp
 
 MISPLACED = (
     "sam computes the gradient from loss_fn inside its own update, so a transformation "
@@ -35,11 +36,12 @@ class PendingGradient:
       result: the `SamGradient` that `sam` computed, once it has run (None before).
     """
 
-    __slots__ = ("has_aux", "result")
+    __slots__ = ("has_aux", "result", "dtype")
 
-    def __init__(self, has_aux: bool = False):
+    def __init__(self, has_aux: bool = False, dtype=None):
         self.has_aux = has_aux
         self.result = None
+        self.dtype = dtype  # the parameters' widest dtype, for Optax's dtype probes
 
     def __repr__(self):
         return f"<PendingGradient: {MISPLACED}>"
@@ -48,10 +50,11 @@ class PendingGradient:
         del args, kwargs
         raise TypeError(MISPLACED)
 
-    def __getattr__(self, name):  # jnp reads e.g. `.real`, `.dtype`, `.shape`
+    def __getattr__(self, name):  # array attributes (`.real`, `.dtype`, `.shape`)
         if name.startswith("__"):
             raise AttributeError(name)
-        raise TypeError(MISPLACED)
+        # An AttributeError, so that `getattr(x, "dtype", None)` probes still work.
+        raise AttributeError(f"{name}: {MISPLACED}")
 
     __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _misplaced
     __truediv__ = __rtruediv__ = __pow__ = __rpow__ = __matmul__ = __rmatmul__ = _misplaced
@@ -74,7 +77,8 @@ def pending_gradient(params, has_aux: bool = False):
     Returns:
       A tree shaped like `params`, every leaf the same `PendingGradient`.
     """
-    placeholder = PendingGradient(has_aux)
+    dtypes = [leaf.dtype for leaf in jax.tree.leaves(params) if hasattr(leaf, "dtype")]
+    placeholder = PendingGradient(has_aux, jnp.result_type(*dtypes) if dtypes else None)
     return jax.tree.map(lambda _: placeholder, params)
 
 

@@ -14,7 +14,7 @@ r"""Fine-tunes a T5.1.1 model on a seqio task or mixture, configured with gin (T
                       default: the package's gin configs (the repository's
                       gin/ directory, installed as sam_jax/gin), the directory
                       above them (for 'gin/runs/...' paths) and the cwd.
-  --module_import     modules that register seqio tasks (default: `tasks`).
+  --module_import     modules that register seqio tasks (default: `sam_jax.tasks`).
   --coordinator_address, --num_processes, --process_id
                       a multi-process run on machines JAX does not detect.
 
@@ -102,7 +102,7 @@ _GIN_SEARCH_PATHS = flags.DEFINE_list(
     "Directories in which gin files and their includes are looked up.",
 )
 _MODULE_IMPORTS = flags.DEFINE_multi_string(
-    "module_import", ["tasks"], "Modules to import first (they register seqio tasks)."
+    "module_import", ["sam_jax.tasks"], "Modules to import first (they register seqio tasks)."
 )
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs."

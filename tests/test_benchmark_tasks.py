@@ -1,5 +1,5 @@
-"""Tests for the benchmark tasks: tasks/glue.py, tasks/super_glue.py, tasks/cbqa.py,
-tasks/metrics.py and the TFDS helpers of tasks/preprocessing.py.
+"""Tests for the benchmark tasks: sam_jax/tasks/{glue,super_glue,cbqa,metrics}.py and
+the TFDS helpers of sam_jax/tasks/preprocessing.py.
 
 Nothing is downloaded: `tfds.testing.mock_data` serves examples written here
 (`FakeTfds`), so the T5 text each task must produce is known. Run with the
@@ -20,11 +20,11 @@ seqio = pytest.importorskip("seqio")
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from tasks import cbqa  # noqa: E402
-from tasks import glue  # noqa: E402
-from tasks import metrics  # noqa: E402
-from tasks import preprocessing as pp  # noqa: E402
-from tasks import super_glue  # noqa: E402
+from sam_jax.tasks import cbqa  # noqa: E402
+from sam_jax.tasks import glue  # noqa: E402
+from sam_jax.tasks import metrics  # noqa: E402
+from sam_jax.tasks import preprocessing as pp  # noqa: E402
+from sam_jax.tasks import super_glue  # noqa: E402
 
 VOCAB = seqio.ByteVocabulary()
 SEQ = {"inputs": 512, "targets": 64}

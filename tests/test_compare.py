@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("seqio")
 
 from sam_jax import compare  # noqa: E402
-from tasks import preprocessing  # noqa: E402
+from sam_jax.tasks import preprocessing  # noqa: E402
 
 # One layer each way and 3 steps: the default run's code path, in seconds.
 SHORT = dict(train_steps=3, batch_size=8, eval_period=2, train_fraction=0.05, seed=0)

@@ -192,7 +192,10 @@ def test_groups_run_in_parallel_unless_parallel_groups_bounds_them():
         return _compiled(step, params, batch, key)
 
     parallel, serial = compiled(None), compiled(1)
-    _assert_trees_close(parallel(params, batch, key), serial(params, batch, key), rtol=1e-5)
+    # Equal up to summation order (jaxlib versions sum the groups differently).
+    _assert_trees_close(
+        parallel(params, batch, key), serial(params, batch, key), rtol=1e-5, atol=1e-6
+    )
     # All 8 groups in one vmapped pass: no loop over the groups in the program
     # (threefry's own loops remain); the serial one loops 8 times.
     over_groups = '"known_trip_count":{"n":"8"}'

@@ -10,10 +10,10 @@ seqio = pytest.importorskip("seqio")
 
 import tensorflow as tf  # noqa: E402
 
-import tasks  # noqa: E402, F401  (registers the demo tasks)
 from sam_jax import data  # noqa: E402
-from tasks import demo  # noqa: E402
-from tasks import preprocessing  # noqa: E402
+from sam_jax import tasks  # noqa: E402, F401  (registers the demo tasks)
+from sam_jax.tasks import demo  # noqa: E402
+from sam_jax.tasks import preprocessing  # noqa: E402
 
 SEQ = demo.SEQUENCE_LENGTH  # {"inputs": 24, "targets": 4}
 

@@ -20,7 +20,7 @@ from sam_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # What setup.py needs to build the wheel.
-SOURCES = ("setup.py", "README.md", "sam_jax", "tasks", "gin")
+SOURCES = ("setup.py", "README.md", "sam_jax", "gin")
 
 
 def repo_gin_files() -> list[str]:
@@ -94,8 +94,8 @@ def test_wheel_ships_every_gin_file_where_train_looks_for_it(installed):
 
 
 def test_wheel_ships_the_demo_vocabulary(installed):
-    shipped = installed / "tasks" / "data" / "demo_vocabulary.model"
-    assert shipped.read_bytes() == (REPO / "tasks" / "data" / "demo_vocabulary.model").read_bytes()
+    vocabulary = pathlib.Path("sam_jax", "tasks", "data", "demo_vocabulary.model")
+    assert (installed / vocabulary).read_bytes() == (REPO / vocabulary).read_bytes()
 
 
 def test_source_checkout_finds_the_repository_gin_directory():
@@ -174,3 +174,23 @@ def test_the_core_install_requires_only_jax_optax_and_numpy():
     )
     names = {ast.literal_eval(item).split(">")[0].split("[")[0] for item in core.elts}
     assert names == {"jax", "optax", "numpy"}
+
+
+def test_the_core_lower_bounds_are_the_releases_ci_tests_it_with():
+    tree = ast.parse((REPO / "setup.py").read_text())
+    core = next(
+        node.value
+        for node in tree.body
+        if isinstance(node, ast.Assign) and node.targets[0].id == "CORE"
+    )
+    bounds = {}
+    for item in core.elts:
+        name, rest = ast.literal_eval(item).split(">=")
+        bounds[name] = rest.split(",")[0]
+    pins = {}
+    for line in (REPO / ".ci" / "core_oldest.txt").read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            name, version = line.split("==")
+            pins[name] = version
+    assert bounds == {name: pins[name] for name in bounds}
+    assert pins["jaxlib"] == pins["jax"]

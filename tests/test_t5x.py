@@ -46,7 +46,7 @@ from t5x.examples.t5 import network  # noqa: E402
 import __main__  # noqa: E402  (T5X's gin files bind `__main__.train`)
 import sam_jax  # noqa: E402
 import sam_jax.t5x  # noqa: E402
-import tasks  # noqa: E402, F401  (registers demo_cbqa)
+from sam_jax import tasks  # noqa: E402, F401  (registers demo_cbqa)
 from sam_jax.t5x import per_example  # noqa: E402
 from sam_jax.t5x import trainer as sam_trainer  # noqa: E402
 
@@ -1158,3 +1158,44 @@ def test_a_decoder_only_model_takes_the_hand_computed_sam_step(partitioner):
     )
     assert metrics["sam/perturbation_norm"] == pytest.approx(rho, rel=1e-4)
     assert all(name in metrics for name in SAM_METRICS)
+
+
+# --------------------------------------------------------------------------- #
+# The README's T5X command, as pasted.
+# --------------------------------------------------------------------------- #
+
+DEMO_COMMAND = """python -m t5x.train \\
+  --gin_search_paths="$(python -c 'import os, sam_jax; print(os.path.dirname(sam_jax.__file__))')" \\
+  --gin_file=t5x/examples/t5/t5_1_1/tiny.gin \\
+  --gin_file=t5x/configs/runs/finetune.gin \\
+  --gin_file=gin/t5x/demo.gin \\
+  --gin_file=gin/t5x/sam.gin \\
+  --gin.MODEL_DIR="'/tmp/sam_t5x_demo'\""""  # noqa: E501
+
+
+def test_the_readme_t5x_demo_command_runs_as_pasted(tmp_path):
+    """From the repository root, with this environment's python first on PATH."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as readme:
+        assert DEMO_COMMAND in readme.read()
+    with open(os.path.join(REPO, "gin", "t5x", "demo.gin"), encoding="utf-8") as demo:
+        header = "".join(line[2:] for line in demo if line.startswith("#   "))
+    assert " ".join(DEMO_COMMAND.split()) in " ".join(header.split())
+    # Only MODEL_DIR changes (the last binding of a macro wins).
+    command = f"{DEMO_COMMAND} --gin.MODEL_DIR=\"'{tmp_path}'\""
+    env = {key: value for key, value in os.environ.items() if key != "XLA_FLAGS"}
+    env["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{env['PATH']}"
+    result = subprocess.run(
+        ["bash", "-c", command],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isdir(tmp_path / "checkpoint_20")
+    summaries, _ = train_summaries(str(tmp_path))
+    assert summaries[20]["sam/rho"] == pytest.approx(0.05)
+    assert summaries[20]["sam/perturbation_norm"] == pytest.approx(0.05, rel=1e-3)
+    assert np.isfinite(summaries[20]["loss"])

@@ -1,4 +1,4 @@
-"""Tests for the offline seqio demo tasks (tasks/demo.py, tasks/preprocessing.py).
+"""Tests for the offline seqio demo tasks (sam_jax/tasks/demo.py, preprocessing.py).
 
 Run with the seqio environment: `/work/venv-seqio/bin/python -m pytest -q
 tests/test_tasks.py`; without seqio the whole file is skipped.
@@ -14,9 +14,9 @@ import pytest
 seqio = pytest.importorskip("seqio")
 tf = pytest.importorskip("tensorflow")
 
-import tasks  # noqa: E402  (registers the demo tasks)
-from tasks import demo  # noqa: E402
-from tasks import preprocessing as pp  # noqa: E402
+from sam_jax import tasks  # noqa: E402  (registers the demo tasks)
+from sam_jax.tasks import demo  # noqa: E402
+from sam_jax.tasks import preprocessing as pp  # noqa: E402
 
 SEQ = demo.SEQUENCE_LENGTH
 EOS = 1
@@ -179,7 +179,7 @@ def test_every_demo_word_is_one_piece_and_other_text_round_trips():
 
 def test_the_shipped_vocabulary_is_what_the_build_script_makes(tmp_path):
     sentencepiece = pytest.importorskip("sentencepiece")
-    from tasks import build_demo_vocabulary
+    from sam_jax.tasks import build_demo_vocabulary
 
     rebuilt = tmp_path / "demo_vocabulary.model"
     build_demo_vocabulary.build(str(rebuilt))

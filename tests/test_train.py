@@ -28,8 +28,8 @@ from multiprocess_harness import REPO_DIR  # noqa: E402
 from multiprocess_harness import launch_processes  # noqa: E402
 from multiprocess_harness import process_env  # noqa: E402
 
-import tasks  # noqa: E402, F401  (registers the demo tasks)
 from sam_jax import summaries  # noqa: E402
+from sam_jax import tasks  # noqa: E402, F401  (registers the demo tasks)
 from sam_jax import train  # noqa: E402
 
 # A one-layer tiny T5 on short sequences, evaluated on 16 examples per task.

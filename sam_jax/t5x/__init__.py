@@ -5,7 +5,7 @@ every SAM variant of `sam_jax` (ascent micro-batch, m-sharpness, δ-SAM, FSAM's
 Fisher mask, ASAM) inside T5X's own training loop, with any T5X optimizer. A
 T5X fine-tuning run switches to SAM by adding one gin file::
 
-  python t5x/train.py --gin_file=t5x/examples/t5/t5_1_1/small.gin \\
+  python -m t5x.train --gin_file=t5x/examples/t5/t5_1_1/small.gin \\
     --gin_file=t5x/configs/runs/finetune.gin --gin_file=gin/t5x/sam.gin ...
 
 T5X is not on PyPI, so it is not a dependency of `sam_jax`: `import sam_jax`

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
-from tasks import preprocessing
+from sam_jax.tasks import preprocessing
 
 # --------------------------------------------------------------------------- #
 # Postprocessors.

@@ -1,6 +1,6 @@
 """seqio Tasks and Mixtures for sam_jax (T5X conventions).
 
-`import tasks` registers every task module's Tasks and Mixtures in seqio's
+`import sam_jax.tasks` registers every task module's Tasks and Mixtures in seqio's
 global registries (like T5X's `--gin.MIXTURE_OR_TASK_MODULE`). Registration is
 idempotent: re-importing or reloading a module replaces its definitions.
 
@@ -27,7 +27,7 @@ Needs seqio (and so TensorFlow). `tasks/preprocessing.py` itself imports seqio
 lazily, so its numpy helpers and metrics could move to a seqio-free package.
 """
 
-from tasks import cbqa  # noqa: F401  (natural_questions_open, ..., cbqa: if $SAM_JAX_SPM_PATH is set)
-from tasks import demo  # noqa: F401  (registers demo_cbqa, demo_nli, demo_mixture)
-from tasks import glue  # noqa: F401  (glue_cola, ..., glue: if $SAM_JAX_SPM_PATH is set)
-from tasks import super_glue  # noqa: F401  (super_glue_boolq, ..., super_glue: likewise)
+from sam_jax.tasks import cbqa  # noqa: F401  (natural_questions_open, ..., cbqa: if $SAM_JAX_SPM_PATH is set)
+from sam_jax.tasks import demo  # noqa: F401  (registers demo_cbqa, demo_nli, demo_mixture)
+from sam_jax.tasks import glue  # noqa: F401  (glue_cola, ..., glue: if $SAM_JAX_SPM_PATH is set)
+from sam_jax.tasks import super_glue  # noqa: F401  (super_glue_boolq, ..., super_glue: likewise)

@@ -34,8 +34,8 @@ from __future__ import annotations
 import seqio
 import tensorflow as tf
 
-from tasks import metrics
-from tasks import preprocessing
+from sam_jax.tasks import metrics
+from sam_jax.tasks import preprocessing
 
 MIXTURE = "cbqa"
 

@@ -3,8 +3,8 @@
 Nothing is downloaded: the examples are generated in code from a fixed seed
 with a platform-independent PRNG (`preprocessing.Rng`), so every machine sees
 the same text, and they are tokenized with a small SentencePiece model shipped
-in the repository (`tasks/data/demo_vocabulary.model`, built from the demo text
-by `python -m tasks.build_demo_vocabulary`): a real subword vocabulary in which
+in the repository (`sam_jax/tasks/data/demo_vocabulary.model`, built from the demo text
+by `python -m sam_jax.tasks.build_demo_vocabulary`): a real subword vocabulary in which
 the demo's words are single pieces. Both tasks are small (train <= 1000,
 validation <= 300 examples, inputs <= 23 pieces and targets <= 3 pieces, so
 that with EOS they fit sequence lengths 24 / 4 untruncated), so a tiny model
@@ -41,11 +41,16 @@ import os
 import seqio
 import tensorflow as tf
 
-from tasks import preprocessing
-from tasks.preprocessing import Rng
+from sam_jax.tasks import preprocessing
+from sam_jax.tasks.preprocessing import Rng
 
 VOCABULARY_PATH = os.path.join(os.path.dirname(__file__), "data", "demo_vocabulary.model")
 VOCABULARY = seqio.SentencePieceVocabulary(VOCABULARY_PATH)
+
+
+def vocabulary() -> seqio.SentencePieceVocabulary:
+    """The demo tasks' vocabulary (for gin: `VOCABULARY = @demo.vocabulary()`, gin/t5x/demo.gin)."""
+    return VOCABULARY
 OUTPUT_FEATURES = {
     "inputs": seqio.Feature(vocabulary=VOCABULARY, add_eos=True, required=True),
     "targets": seqio.Feature(vocabulary=VOCABULARY, add_eos=True),

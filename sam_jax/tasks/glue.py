@@ -41,8 +41,8 @@ from collections.abc import Sequence
 import seqio
 import tensorflow as tf
 
-from tasks import metrics
-from tasks import preprocessing
+from sam_jax.tasks import metrics
+from sam_jax.tasks import preprocessing
 
 TFDS_VERSION = "2.0.0"
 MIXTURE = "glue"

@@ -38,9 +38,9 @@ import functools
 import seqio
 import tensorflow as tf
 
-from tasks import glue
-from tasks import metrics
-from tasks import preprocessing
+from sam_jax.tasks import glue
+from sam_jax.tasks import metrics
+from sam_jax.tasks import preprocessing
 
 TFDS_VERSION = "1.0.2"
 MIXTURE = "super_glue"

@@ -1,6 +1,6 @@
-"""Builds the demo tasks' SentencePiece vocabulary (`tasks/data/demo_vocabulary.model`).
+"""Builds the demo tasks' SentencePiece vocabulary (`sam_jax/tasks/data/demo_vocabulary.model`).
 
-  python -m tasks.build_demo_vocabulary [--output=tasks/data/demo_vocabulary.model]
+  python -m sam_jax.tasks.build_demo_vocabulary [--output=sam_jax/tasks/data/demo_vocabulary.model]
 
 A byte-pair-encoding model trained on the text of every demo example (both
 tasks, both splits, `demo.DATA_SEED`), with T5's special ids (pad 0, EOS 1,
@@ -31,7 +31,7 @@ _OUTPUT = flags.DEFINE_string(
 
 def build(output: str) -> None:
     """Trains the vocabulary on the demo text and writes it to `output`."""
-    from tasks import demo  # the module reads the shipped vocabulary at import
+    from sam_jax.tasks import demo  # the module reads the shipped vocabulary at import
 
     lines = [text for ex in demo.all_examples() for text in (ex["inputs"], ex["targets"])]
     with tempfile.TemporaryDirectory() as workdir:
