@@ -1,11 +1,14 @@
 """Tests for sam_jax.core: the one SAM gradient, its groups, keys, layout and precision."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import reference
+import trees
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -13,10 +16,8 @@ import sam_jax
 from sam_jax import batching
 from sam_jax import core
 
-
-def _assert_trees_close(a, b, rtol=1e-6, atol=1e-7):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+# This file's default tolerance.
+assert_trees_close = functools.partial(trees.assert_close, rtol=1e-06, atol=1e-07)
 
 
 def _dropout_problem(num_examples=16):
@@ -141,7 +142,7 @@ def test_group_g_gets_fold_in_key_g_and_its_microbatch_j_fold_in_again():
         ]
         return jax.tree.map(lambda a, b: (a + b) / 2, *grads)
 
-    _assert_trees_close(result.grads, mean_over_groups(lambda g: jax.random.fold_in(key, g)))
+    assert_trees_close(result.grads, mean_over_groups(lambda g: jax.random.fold_in(key, g)))
     shared = mean_over_groups(lambda g: key)  # the rule matters: one key for all differs
     assert not np.allclose(result.grads["out"], shared["out"], rtol=1e-3)
 
@@ -165,7 +166,7 @@ def test_per_instance_sam_gives_example_i_the_key_fold_in_i():
         for i in range(4)
     ]
     mean = jax.tree.map(lambda *g: sum(g) / 4, *per_example)
-    _assert_trees_close(jax.tree.map(jnp.negative, updates), mean, rtol=1e-5, atol=1e-7)
+    assert_trees_close(jax.tree.map(jnp.negative, updates), mean, rtol=1e-5, atol=1e-7)
 
 
 def _compiled(fn, *args):
@@ -193,7 +194,7 @@ def test_groups_run_in_parallel_unless_parallel_groups_bounds_them():
 
     parallel, serial = compiled(None), compiled(1)
     # Equal up to summation order (jaxlib versions sum the groups differently).
-    _assert_trees_close(
+    assert_trees_close(
         parallel(params, batch, key), serial(params, batch, key), rtol=1e-5, atol=1e-6
     )
     # All 8 groups in one vmapped pass: no loop over the groups in the program

@@ -1,5 +1,6 @@
 """Tests for sam_jax.flax_linen: `TrainState.apply_loss` for plain Optax and `sam` alike."""
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -8,10 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import trees
 from flax.training import train_state
 
 import sam_jax
 from sam_jax import flax_linen
+
+# This file's default tolerance.
+assert_trees_close = functools.partial(trees.assert_close, rtol=1e-05, atol=1e-06)
 
 
 class Net(nn.Module):
@@ -70,24 +75,6 @@ def _perturbed(params, loss_fn, batch, key, rho):
     return jax.tree.map(lambda w, g: w + rho * g / norm, params, grads)
 
 
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
-def _leaf_changes(a, b) -> list[float]:
-    """The largest absolute difference of every leaf of `a` from its leaf in `b`."""
-    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    return [float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in pairs]
-
-
 def _create(tx, variables, cls=flax_linen.TrainState, **fields):
     return cls.create(apply_fn=MODEL.apply, params=variables["params"], tx=tx, **fields)
 
@@ -100,9 +87,9 @@ def test_sam_apply_loss_equals_update_from_loss_and_apply_updates():
 
     params = variables["params"]
     expected = sam_jax.update_from_loss(tx, tx.init(params), params, loss_fn, batch, KEY)
-    _assert_trees_equal(state.params, optax.apply_updates(params, expected.updates))
-    _assert_trees_equal(state.opt_state, expected.opt_state)
-    _assert_trees_equal(step, expected)
+    trees.assert_equal(state.params, optax.apply_updates(params, expected.updates))
+    trees.assert_equal(state.opt_state, expected.opt_state)
+    trees.assert_equal(step, expected)
     assert int(state.step) == 1
     assert isinstance(state, flax_linen.TrainState)
 
@@ -118,7 +105,7 @@ def test_sam_sgd_apply_loss_equals_hand_computed_sam():
     params = variables["params"]
     perturbed = _perturbed(params, loss_fn, batch, KEY, rho)
     descent = jax.grad(_mean_loss(loss_fn, batch, KEY))(perturbed)
-    _assert_trees_close(state.params, jax.tree.map(lambda w, g: w - lr * g, params, descent))
+    assert_trees_close(state.params, jax.tree.map(lambda w, g: w - lr * g, params, descent))
     mean_loss = _mean_loss(loss_fn, batch, KEY)
     np.testing.assert_allclose(step.loss, mean_loss(perturbed), rtol=1e-6)
     np.testing.assert_allclose(step.metrics.clean_loss, mean_loss(params), rtol=1e-6)
@@ -135,13 +122,13 @@ def test_plain_apply_loss_equals_flax_apply_gradients():
     mean_loss = _mean_loss(loss_fn, batch, KEY)
     grads = jax.grad(mean_loss)(variables["params"])
     expected = _create(tx, variables, cls=train_state.TrainState).apply_gradients(grads=grads)
-    _assert_trees_equal(new_state.params, expected.params)
-    _assert_trees_equal(new_state.opt_state, expected.opt_state)
+    trees.assert_equal(new_state.params, expected.params)
+    trees.assert_equal(new_state.opt_state, expected.opt_state)
     assert int(new_state.step) == int(expected.step) == 1
     np.testing.assert_array_equal(step.loss, mean_loss(variables["params"]))
     assert step.metrics is None and step.aux is None
     # With a plain tx, apply_gradients is Flax's own.
-    _assert_trees_equal(state.apply_gradients(grads=grads).params, expected.params)
+    trees.assert_equal(state.apply_gradients(grads=grads).params, expected.params)
 
 
 def test_sam_with_rho_zero_applies_the_plain_optimizer():
@@ -151,7 +138,7 @@ def test_sam_with_rho_zero_applies_the_plain_optimizer():
     sam, step = _create(sam_jax.sam(optax.adam(1e-2), rho=0.0), variables).apply_loss(
         loss_fn, batch, KEY
     )
-    _assert_trees_close(sam.params, plain.params, rtol=1e-6, atol=1e-7)
+    assert_trees_close(sam.params, plain.params, rtol=1e-6, atol=1e-7)
     assert float(step.metrics.perturbation_norm) == 0.0
 
 
@@ -170,10 +157,10 @@ def test_batch_stats_come_back_through_aux_from_the_descent_pass(rho):
     _, expected = _losses_and_stats(perturbed, stats, batch, KEY)
     _, clean = _losses_and_stats(params, stats, batch, KEY)
     assert isinstance(new_state, BatchNormState)
-    _assert_trees_close(new_state.batch_stats, expected)
-    assert min(_leaf_changes(expected, stats)) > 1e-3  # the statistics were updated
+    assert_trees_close(new_state.batch_stats, expected)
+    assert min(trees.leaf_changes(expected, stats)) > 1e-3  # the statistics were updated
     # With ρ > 0, the perturbed pass's statistics, not the clean pass's.
-    assert (max(_leaf_changes(expected, clean)) > 1e-5) == (rho > 0)
+    assert (max(trees.leaf_changes(expected, clean)) > 1e-5) == (rho > 0)
 
 
 @pytest.mark.parametrize(
@@ -215,7 +202,7 @@ def test_apply_loss_under_jit_equals_eager(use_sam):
             losses[name].append(float(loss))
         states[name] = state
     assert int(states["jit"].step) == 3
-    _assert_trees_close(states["jit"].params, states["eager"].params)
-    _assert_trees_close(states["jit"].batch_stats, states["eager"].batch_stats)
+    assert_trees_close(states["jit"].params, states["eager"].params)
+    assert_trees_close(states["jit"].batch_stats, states["eager"].batch_stats)
     np.testing.assert_allclose(losses["jit"], losses["eager"], rtol=1e-5)
-    assert min(_leaf_changes(states["jit"].params, initial.params)) > 1e-3
+    assert min(trees.leaf_changes(states["jit"].params, initial.params)) > 1e-3

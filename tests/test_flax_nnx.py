@@ -1,14 +1,21 @@
 """Tests for sam_jax.flax_nnx: `update` steps an `nnx.Optimizer` from a loss, plain or SAM."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import trees
 from flax import nnx
 
 import sam_jax
 from sam_jax import flax_nnx
+
+# This file's default tolerance.
+assert_trees_close = functools.partial(trees.assert_close, rtol=1e-05, atol=1e-06)
+
 
 KEY = jax.random.key(3)
 
@@ -47,24 +54,6 @@ def _params(model):
     return nnx.as_pure(nnx.state(model, nnx.Param))
 
 
-def _assert_trees_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
-def _leaf_changes(a, b) -> list[float]:
-    """The largest absolute difference of every leaf of `a` from its leaf in `b`."""
-    pairs = zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
-    return [float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in pairs]
-
-
 @pytest.mark.parametrize("graph", [True, False], ids=["graph", "tree"])
 def test_sam_update_equals_the_functional_path(graph):
     """The split parameters through `update_from_loss` and `optax.apply_updates`."""
@@ -83,11 +72,11 @@ def test_sam_update_equals_the_functional_path(graph):
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param, graph=graph)
     out = flax_nnx.update(optimizer, model, loss_fn, batch, KEY)
     new_params = optax.apply_updates(params, expected.updates)
-    _assert_trees_equal(nnx.to_pure_dict(_params(model)), new_params)
-    _assert_trees_equal(
+    trees.assert_equal(nnx.to_pure_dict(_params(model)), new_params)
+    trees.assert_equal(
         jax.tree.leaves(nnx.as_pure(optimizer.opt_state)), jax.tree.leaves(expected.opt_state)
     )
-    _assert_trees_equal(out, flax_nnx.StepOutput(expected.loss, expected.aux, expected.metrics))
+    trees.assert_equal(out, flax_nnx.StepOutput(expected.loss, expected.aux, expected.metrics))
     assert int(optimizer.step[...]) == 1
 
 
@@ -129,7 +118,7 @@ def test_sam_sgd_update_equals_hand_computed_sam():
     perturbed = jax.tree.map(lambda p, d: p + rho * d / norm, w, g)
     descent = jax.grad(mean_loss)(perturbed)
     expected = jax.tree.map(lambda p, d: p - lr * d, w, descent)
-    _assert_trees_close(nnx.to_pure_dict(_params(model)), expected)
+    assert_trees_close(nnx.to_pure_dict(_params(model)), expected)
     np.testing.assert_allclose(out.loss, mean_loss(perturbed), rtol=1e-6)
     np.testing.assert_allclose(out.metrics.clean_loss, mean_loss(w), rtol=1e-6)
 
@@ -145,8 +134,8 @@ def test_plain_update_equals_nnx_optimizer_update():
     mean_loss = lambda m: jnp.mean(loss_fn(m, batch, KEY))  # noqa: E731
     loss, grads = nnx.value_and_grad(mean_loss)(reference)
     ref_optimizer.update(reference, grads)
-    _assert_trees_equal(_params(model), _params(reference))
-    _assert_trees_equal(nnx.as_pure(optimizer.opt_state), nnx.as_pure(ref_optimizer.opt_state))
+    trees.assert_equal(_params(model), _params(reference))
+    trees.assert_equal(nnx.as_pure(optimizer.opt_state), nnx.as_pure(ref_optimizer.opt_state))
     assert int(optimizer.step[...]) == int(ref_optimizer.step[...]) == 1
     np.testing.assert_array_equal(out.loss, loss)
     assert out.aux is None and out.metrics is None
@@ -170,9 +159,9 @@ def test_update_under_nnx_jit_equals_eager(use_sam):
             float(step_fn(model, optimizer, batch, key)) for key in jax.random.split(KEY, 3)
         ]
         assert int(optimizer.step[...]) == 3
-    _assert_trees_close(nnx.state(models["jit"]), nnx.state(models["eager"]))
+    assert_trees_close(nnx.state(models["jit"]), nnx.state(models["eager"]))
     np.testing.assert_allclose(losses["jit"], losses["eager"], rtol=1e-5)
-    assert min(_leaf_changes(_params(models["jit"]), _params(Net(nnx.Rngs(0))))) > 1e-3
+    assert min(trees.leaf_changes(_params(models["jit"]), _params(Net(nnx.Rngs(0))))) > 1e-3
 
 
 def test_aux_returns_the_descent_pass_batch_stats_and_other_state_is_not_kept():
@@ -183,7 +172,7 @@ def test_aux_returns_the_descent_pass_batch_stats_and_other_state_is_not_kept():
     optimizer = nnx.Optimizer(model, sam_jax.sam(optax.sgd(0.1), rho=rho), wrt=nnx.Param)
     out = flax_nnx.update(optimizer, model, loss_and_stats, batch, KEY, has_aux=True)
     stats_before = nnx.as_pure(nnx.state(initial, nnx.BatchStat))
-    _assert_trees_equal(nnx.as_pure(nnx.state(model, nnx.BatchStat)), stats_before)
+    trees.assert_equal(nnx.as_pure(nnx.state(model, nnx.BatchStat)), stats_before)
 
     # The batch statistics of a forward pass at w + ε, by hand.
     grads = nnx.grad(lambda m: jnp.mean(loss_fn(m, batch, KEY)))(nnx.clone(initial))
@@ -195,6 +184,6 @@ def test_aux_returns_the_descent_pass_batch_stats_and_other_state_is_not_kept():
     expected = nnx.as_pure(nnx.state(perturbed, nnx.BatchStat))
 
     nnx.update(model, out.aux)
-    _assert_trees_close(nnx.as_pure(nnx.state(model, nnx.BatchStat)), expected)
+    assert_trees_close(nnx.as_pure(nnx.state(model, nnx.BatchStat)), expected)
     np.testing.assert_allclose(out.loss, jnp.mean(perturbed_losses), rtol=1e-6)
-    assert min(_leaf_changes(expected, stats_before)) > 1e-3  # the statistics were updated
+    assert min(trees.leaf_changes(expected, stats_before)) > 1e-3  # the statistics were updated

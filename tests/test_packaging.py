@@ -165,28 +165,24 @@ def test_the_core_imports_without_the_training_stack():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_the_core_install_requires_only_jax_optax_and_numpy():
+def core_lower_bounds() -> dict[str, str]:
+    """{name: lower bound} of setup.py's CORE requirements ("name>=bound,<upper")."""
     tree = ast.parse((REPO / "setup.py").read_text())
     core = next(
         node.value
         for node in tree.body
         if isinstance(node, ast.Assign) and node.targets[0].id == "CORE"
     )
-    names = {ast.literal_eval(item).split(">")[0].split("[")[0] for item in core.elts}
-    assert names == {"jax", "optax", "numpy"}
+    requirements = (ast.literal_eval(item).split(">=") for item in core.elts)
+    return {name: rest.split(",")[0] for name, rest in requirements}
+
+
+def test_the_core_install_requires_only_jax_optax_and_numpy():
+    assert set(core_lower_bounds()) == {"jax", "optax", "numpy"}
 
 
 def test_the_core_lower_bounds_are_the_releases_ci_tests_it_with():
-    tree = ast.parse((REPO / "setup.py").read_text())
-    core = next(
-        node.value
-        for node in tree.body
-        if isinstance(node, ast.Assign) and node.targets[0].id == "CORE"
-    )
-    bounds = {}
-    for item in core.elts:
-        name, rest = ast.literal_eval(item).split(">=")
-        bounds[name] = rest.split(",")[0]
+    bounds = core_lower_bounds()
     pins = {}
     for line in (REPO / ".ci" / "core_oldest.txt").read_text().splitlines():
         if "==" in line and not line.startswith("#"):

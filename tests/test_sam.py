@@ -1,16 +1,22 @@
 """Tests for sam_jax.sam: the SAM step against its equations, invariants and peers."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 import reference
+import trees
 
 import sam_jax
 from sam_jax import core
 from sam_jax import perturbation
 from sam_jax import transform
+
+# This file's default tolerance.
+assert_trees_close = functools.partial(trees.assert_close, rtol=1e-05, atol=1e-07)
 
 
 def _sgd_step(tx, params, batch, key=None, state=None):
@@ -24,11 +30,6 @@ def _sgd_step(tx, params, batch, key=None, state=None):
         key=key,
     )
     return optax.apply_updates(params, updates), state
-
-
-def _assert_trees_close(a, b, rtol=1e-5, atol=1e-7):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
 
 
 # --- The SAM step against a hand-written reference ------------------------------------
@@ -87,7 +88,7 @@ def test_full_batch_sam_with_sgd_equals_optax_contrib_sam():
     updates, _ = peer.update(
         grads, peer.init(params), params, grad_fn=lambda p, _: jax.grad(mean_loss)(p)
     )
-    _assert_trees_close(ours, optax.apply_updates(params, updates), rtol=1e-6)
+    assert_trees_close(ours, optax.apply_updates(params, updates), rtol=1e-6)
 
 
 def test_asam_step_closed_form():
@@ -143,7 +144,7 @@ def test_identical_examples_make_delta_sam_equal_sam(rule):
     delta_params, state = _sgd_step(
         sam_jax.sam(optax.sgd(0.1), ascent_fraction=0.5, reweight=rule), params, batch, key
     )
-    _assert_trees_close(delta_params, sam_params, rtol=1e-6)
+    assert_trees_close(delta_params, sam_params, rtol=1e-6)
     np.testing.assert_allclose(state.metrics.weight_entropy, np.log(4), rtol=1e-5)
 
 
@@ -195,7 +196,7 @@ def test_m_equal_to_batch_size_equals_per_instance_sam():
     params, batch = reference.make_problem(num_examples=8)
     m_sharp, m_state = _sgd_step(sam_jax.sam(optax.sgd(0.1), sharpness_m=8), params, batch)
     per_instance, p_state = _sgd_step(sam_jax.per_instance_sam(optax.sgd(0.1)), params, batch)
-    _assert_trees_close(m_sharp, per_instance, rtol=1e-5)
+    assert_trees_close(m_sharp, per_instance, rtol=1e-5)
     np.testing.assert_allclose(m_state.metrics.perturbed_loss, p_state.metrics.perturbed_loss)
 
 
@@ -228,7 +229,7 @@ def test_rho_zero_is_the_plain_optimizer():
     grads = jax.grad(lambda p: jnp.mean(reference.loss_fn(p, batch, None)))(params)
     tx = optax.adam(1e-2)
     updates, _ = tx.update(grads, tx.init(params), params)
-    _assert_trees_close(ours, optax.apply_updates(params, updates), rtol=1e-6)
+    assert_trees_close(ours, optax.apply_updates(params, updates), rtol=1e-6)
 
 
 # --- Composition with optax -------------------------------------------------------------
@@ -252,7 +253,7 @@ def test_wraps_any_optimizer_with_the_sam_gradient(optimizer):
     gw, gb = reference.np_sam_gradient(w, b, x, y, 0.05, x[:4], y[:4])
     grads = {"w": jnp.asarray(gw, jnp.float32), "b": jnp.asarray(gb, jnp.float32)}
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
-    _assert_trees_close(ours, optax.apply_updates(params, updates), rtol=1e-4, atol=1e-6)
+    assert_trees_close(ours, optax.apply_updates(params, updates), rtol=1e-4, atol=1e-6)
 
 
 def test_rho_schedule_is_followed_per_step():
@@ -356,8 +357,8 @@ def test_jit_equals_eager(variant):
     tx = sam_jax.sam(optax.sgd(0.1, momentum=0.9), **_all_variants()[variant])
     jitted_params, jitted_state = _train(tx, params, batch, jit=True)
     eager_params, eager_state = _train(tx, params, batch, jit=False)
-    _assert_trees_close(jitted_params, eager_params, rtol=JIT_RTOL, atol=JIT_ATOL)
-    _assert_trees_close(
+    assert_trees_close(jitted_params, eager_params, rtol=JIT_RTOL, atol=JIT_ATOL)
+    assert_trees_close(
         jitted_state.inner_state, eager_state.inner_state, rtol=JIT_RTOL, atol=JIT_ATOL
     )
     assert int(jitted_state.count) == int(eager_state.count) == 3
@@ -369,7 +370,7 @@ def test_jit_equals_eager(variant):
             atol=METRICS_ATOL,
             err_msg=name,
         )
-    _assert_trees_close(jitted_state.mask_state, eager_state.mask_state, rtol=0, atol=0)
+    assert_trees_close(jitted_state.mask_state, eager_state.mask_state, rtol=0, atol=0)
     # The metrics are of a real SAM step, and the step is far from plain momentum SGD.
     assert float(jitted_state.metrics.perturbation_norm) > 0.01
     assert float(jitted_state.metrics.perturbed_loss) != float(jitted_state.metrics.clean_loss)
@@ -452,8 +453,8 @@ def test_sharded_on_a_data_model_mesh_equals_unsharded(variant):
     # loss from another reduction order moves them by ~ulp/ρ², hence looser tolerances
     # (the smallest weight, of the flattest example, most: 1e-4 is 0.04 % of 1/|M|).
     reweighted = "reweight" in kwargs
-    _assert_trees_close(got_params, expected_params, rtol=1e-4 if reweighted else 1e-5, atol=1e-6)
-    _assert_trees_close(
+    assert_trees_close(got_params, expected_params, rtol=1e-4 if reweighted else 1e-5, atol=1e-6)
+    assert_trees_close(
         got_state.metrics,
         expected_state.metrics,
         rtol=1e-3 if reweighted else 1e-5,
@@ -490,7 +491,7 @@ def test_state_round_trips_through_an_orbax_checkpoint(tmp_path):
             key=None,
         )
     )
-    _assert_trees_close(step(state), step(restored), rtol=0, atol=0)
+    assert_trees_close(step(state), step(restored), rtol=0, atol=0)
 
 
 # --- Numerics ----------------------------------------------------------------------------
@@ -687,8 +688,8 @@ def test_microbatched_step_equals_the_full_batch_step(variant, num_microbatches,
         sam_jax.sam(optax.adamw(1e-2), num_microbatches=num_microbatches, **kwargs), params, batch
     )
     rtol = 1e-4 if "reweight" in kwargs else 1e-5  # δ-SAM: fp32 finite differences
-    _assert_trees_close(micro[0], full[0], rtol=rtol, atol=1e-6)
-    _assert_trees_close(micro[1].metrics, full[1].metrics, rtol=1e-3, atol=1e-5)
+    assert_trees_close(micro[0], full[0], rtol=rtol, atol=1e-6)
+    assert_trees_close(micro[1].metrics, full[1].metrics, rtol=1e-3, atol=1e-5)
 
 
 def test_num_microbatches_is_validated():
@@ -724,9 +725,9 @@ def test_microbatched_delta_sam_with_a_microbatched_ascent_equals_the_full_step(
             key=jax.random.key(0),
         )
         results.append((updates, state.metrics))
-    _assert_trees_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-7)
+    assert_trees_close(results[1][0], results[0][0], rtol=1e-4, atol=1e-7)
     # The smallest weight is the noisiest fp32 finite difference (see the sharded test).
-    _assert_trees_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-4)
+    assert_trees_close(results[1][1], results[0][1], rtol=1e-3, atol=1e-4)
 
 
 # --- optax.inject_hyperparams ---------------------------------------------------------------
@@ -757,7 +758,7 @@ def test_inject_hyperparams_without_static_args_equals_sam():
         batch,
         sam_jax.sam(optax.sgd(0.1), **settings).init(params),
     )
-    _assert_trees_close(injected.updates, expected.updates, rtol=0, atol=0)
+    assert_trees_close(injected.updates, expected.updates, rtol=0, atol=0)
     assert float(injected.opt_state.hyperparams["rho"]) == pytest.approx(0.05)
 
 
@@ -788,7 +789,7 @@ def test_a_negative_traced_rho_is_clipped_to_zero_and_shown(how):
     plain = _jit_step(optax.sgd(0.1), params, batch, optax.sgd(0.1).init(params))
     assert float(step.metrics.rho) == 0.0
     assert float(step.metrics.perturbation_norm) == 0.0
-    _assert_trees_close(step.updates, plain.updates, rtol=1e-6, atol=1e-7)
+    assert_trees_close(step.updates, plain.updates, rtol=1e-6, atol=1e-7)
 
 
 def test_a_negative_constant_rho_is_refused():
