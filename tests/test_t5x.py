@@ -1199,3 +1199,65 @@ def test_the_readme_t5x_demo_command_runs_as_pasted(tmp_path):
     assert summaries[20]["sam/rho"] == pytest.approx(0.05)
     assert summaries[20]["sam/perturbation_norm"] == pytest.approx(0.05, rel=1e-3)
     assert np.isfinite(summaries[20]["loss"])
+
+
+REAL_CHECKPOINT_COMMAND = """python -m t5x.train \\
+  --gin_search_paths="$(python -c 'import os, sam_jax; print(os.path.dirname(sam_jax.__file__))')" \\
+  --gin_file=t5x/examples/t5/t5_1_1/base.gin \\
+  --gin_file=t5x/configs/runs/finetune.gin \\
+  --gin_file=gin/t5x/sam.gin \\
+  --gin.MODEL_DIR="'/tmp/t5_1_1_base_sam'" \\
+  --gin.MIXTURE_OR_TASK_MODULE="'t5.data.mixtures'" \\
+  --gin.MIXTURE_OR_TASK_NAME="'glue_cola_v002'" \\
+  --gin.TASK_FEATURE_LENGTHS="{'inputs': 512, 'targets': 8}" \\
+  --gin.TRAIN_STEPS=1_010_000 \\
+  --gin.INITIAL_CHECKPOINT_PATH="'gs://t5-data/pretrained_models/t5x/t5_1_1_base/checkpoint_1000000'" \\
+  --gin.SamTrainer.rho=0.15"""  # noqa: E501
+
+
+def shell_arguments(command: str) -> list[str]:
+    """The arguments bash passes to the command's program (quotes and $(...) expanded)."""
+    program = "python -m t5x.train"
+    assert command.startswith(program)
+    env = {
+        **os.environ,
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+    }
+    printed = subprocess.run(
+        ["bash", "-c", "printf '%s\\0' " + command[len(program) :]],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return printed.split("\0")[:-1]
+
+
+def test_the_readme_real_checkpoint_command_parses_into_a_sam_run(gin_config):
+    """It needs gs://t5-data, so it is parsed as t5x.train would, not run."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as readme:
+        assert REAL_CHECKPOINT_COMMAND in readme.read()
+    arguments = gin_utils.rewrite_gin_args(shell_arguments(REAL_CHECKPOINT_COMMAND))
+    values = {}
+    for argument in arguments:
+        name, value = argument[2:].split("=", 1)
+        values.setdefault(name, []).append(value)
+    gin_utils.parse_gin_flags(
+        values["gin_search_paths"] + t5x_train._DEFAULT_GIN_SEARCH_PATHS,
+        values["gin_file"],
+        values["gin_bindings"],
+    )
+    trainer_cls = gin.query_parameter("train_script.train.trainer_cls")
+    assert trainer_cls.configurable.wrapped is sam_jax.t5x.SamTrainer
+    assert gin.query_parameter("SamTrainer.rho") == 0.15
+    assert gin.query_parameter("SamTrainer.ascent_fraction") == 0.25
+    assert gin.query_parameter("%INITIAL_CHECKPOINT_PATH").endswith(
+        "t5_1_1_base/checkpoint_1000000"
+    )
+    assert gin.query_parameter("%MIXTURE_OR_TASK_MODULE") == "t5.data.mixtures"
+    # finetune.gin's learning rate reaches SamTrainer.
+    inherited = sam_trainer.carried_over(
+        sam_jax.t5x.SamTrainer, dict.fromkeys(sam_trainer.CARRIED_OVER)
+    )
+    assert callable(inherited["learning_rate_fn"])
