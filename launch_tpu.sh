@@ -67,6 +67,9 @@ Optional:
   QUEUED_RESOURCE   queued resource ID (default \$TPU_NAME; the TPU VM is \$TPU_NAME)
   SPOT=1, PREEMPTIBLE=1   create a Spot / preemptible TPU (queued resources: Spot only)
   TRAINER           trainer that run starts: sam_jax (default) or t5x
+  RUN_ENV           environment for the trainer on every worker: NAME=VALUE words
+                    separated by spaces, e.g. RUN_ENV="SAM_JAX_SPM_PATH=gs://b/spm.model"
+                    (the benchmark tasks' vocabulary; values may not contain spaces)
   T5X=1             setup also installs T5X into VENV
   REPO_DIR          repository on the workers (default ~/sam_jax; write '~/...'
                     in quotes so that ~ means the home directory on the TPU)
@@ -372,6 +375,16 @@ cmd_run() {
   # --gin_search_paths (default '.') and then in its own package, so gin/t5x/*.gin
   # resolve in REPO_DIR and t5x/configs/..., t5x/examples/... in T5X.
   train="$venv/bin/python -u -m $trainer.train"
+  if [[ -n ${RUN_ENV:-} ]]; then
+    local assignment assignments=()
+    read -r -a assignments <<<"$RUN_ENV"
+    for assignment in "${assignments[@]}"; do
+      if [[ ! $assignment =~ ^[A-Za-z_][A-Za-z0-9_]*=.+$ ]]; then
+        die "RUN_ENV must be NAME=VALUE words separated by spaces (got: $assignment)"
+      fi
+    done
+    train="env$(printf ' %q' "${assignments[@]}") $train"
+  fi
   train+=" $(printf '%q' "--gin.MODEL_DIR='$gcs_root/$RUN_NAME'")"
   if [[ $trainer == t5x ]]; then
     train+=" --gin_search_paths=$repo"

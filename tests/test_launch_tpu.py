@@ -239,6 +239,7 @@ def test_help_prints_usage_and_exits_0(sandbox, args):
         "T5X=1",
         "git+https://github.com/google-research/t5x",
         "v2-alpha-tpuv5-lite",
+        "RUN_ENV",
     ]:
         assert word in result.stdout
     assert result.stderr == ""
@@ -916,3 +917,25 @@ def test_readme_tpu_examples_run_in_dry_run(sandbox):
         "--gin_file=t5x/examples/t5/t5_1_1/small.gin",
     ]
     assert "--gin_file=gin/t5x/sam.gin" in runs[1]
+
+
+def test_dry_run_run_forwards_run_env(sandbox):
+    spm = "SAM_JAX_SPM_PATH=gs://bucket/spm.model"
+    (line,) = dry_run(sandbox, "run", "--", *TRAIN_ARGS, RUN_ENV=f"{spm}  XLA_FLAGS=--x=1")
+    train = remote_command(argv_of(line)).split("{ nohup ")[1].split(" > ")[0]
+    assert shlex.split(train)[:4] == [
+        "env",
+        spm,
+        "XLA_FLAGS=--x=1",
+        "$HOME/sam_jax_venv/bin/python",
+    ]
+    (plain,) = dry_run(sandbox, "run", "--", *TRAIN_ARGS)
+    assert "nohup env " not in plain
+
+
+@pytest.mark.parametrize("run_env", ["NOT AN ASSIGNMENT", "1X=2", "X="])
+def test_run_env_that_is_not_assignments_exits_2(sandbox, run_env):
+    env = {**sandbox["env"], "RUN_ENV": run_env}
+    result = launch(["--dry-run", "run", "--", *TRAIN_ARGS], env)
+    assert result.returncode == 2
+    assert "RUN_ENV must be NAME=VALUE words" in result.stderr
