@@ -94,5 +94,6 @@ def requested(name: str, updates) -> PendingGradient:
         f"{'None' if updates is None else type(leaves[0] if leaves else updates).__name__}. "
         "Call sam_jax.update_from_loss(tx, opt_state, params, loss_fn, batch, key), or "
         f"tx.update(sam_jax.pending_gradient(params), opt_state, params, loss_fn=..., "
-        "batch=..., key=...)."
+        "batch=..., key=...); with Flax, sam_jax.flax_linen.TrainState.apply_loss or "
+        "sam_jax.flax_nnx.update."
     )

@@ -187,3 +187,11 @@ def test_aux_returns_the_descent_pass_batch_stats_and_other_state_is_not_kept():
     assert_trees_close(nnx.as_pure(nnx.state(model, nnx.BatchStat)), expected)
     np.testing.assert_allclose(out.loss, jnp.mean(perturbed_losses), rtol=1e-6)
     assert min(trees.leaf_changes(expected, stats_before)) > 1e-3  # the statistics were updated
+
+
+def test_nnx_optimizer_update_with_a_sam_tx_points_to_flax_nnx_update():
+    model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, sam_jax.sam(optax.sgd(0.1)), wrt=nnx.Param)
+    grads = nnx.state(model, nnx.Param)
+    with pytest.raises(ValueError, match=r"sam_jax.flax_nnx.update"):
+        optimizer.update(model, grads)
