@@ -53,6 +53,8 @@ import numpy as np
 from flax import linen as nn
 from safetensors import safe_open
 
+from sam_jax.models import tensor_matching
+
 Array = jax.Array
 DType = Any
 
@@ -760,18 +762,6 @@ def _to_flax(tensor: np.ndarray, kind: str, shape: tuple[int, ...]) -> np.ndarra
     return np.ascontiguousarray(tensor.reshape(shape))
 
 
-def _set_path(tree: dict, path: tuple[str, ...], value: Any) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
-
-
-def _get_path(tree: Mapping, path: tuple[str, ...]) -> Any:
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
 def _checkpoint_prefix(keys: set[str], config: BertConfig) -> str:
     """'bert.' (etc.) if the checkpoint's encoder tensors carry it, else ''."""
     prefix = _FAMILIES[config.model_type][0]
@@ -781,20 +771,10 @@ def _checkpoint_prefix(keys: set[str], config: BertConfig) -> str:
 def _match_names(
     keys: set[str], expected: set[str], ignore_prefixes: Sequence[str], path: str
 ) -> None:
-    """Raises ValueError naming unused or missing tensors."""
-    unused = sorted(k for k in keys - expected if not k.startswith(tuple(ignore_prefixes)))
-    missing = sorted(expected - keys)
-    if unused or missing:
-        raise ValueError(
-            f"{path}: tensors do not match the model: unused {_some(unused)}, missing "
-            f"{_some(missing)} (pass ignore_prefixes=(...) to drop heads such as 'cls.')."
-        )
-
-
-def _some(names: list[str], limit: int = 8) -> str:
-    """The first `limit` names, and how many more there are."""
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return f"{names[:limit]}{more}"
+    """Raises ValueError naming unused or missing tensors (those under `ignore_prefixes` aside)."""
+    kept = {k for k in keys if k in expected or not k.startswith(tuple(ignore_prefixes))}
+    hint = " (pass ignore_prefixes=(...) to drop heads such as 'cls.')"
+    tensor_matching.check_names(kept, expected, path, hint)
 
 
 def _check_buffer(f: Any, name: str, config: BertConfig) -> None:
@@ -858,7 +838,7 @@ def from_pretrained(
         _match_names(keys - buffers, set(tensors), ignore_prefixes, path)
         shapes = abstract_params(model)
         for name, t in tensors.items():
-            want = _hf_shape(t.kind, t.inputs, _get_path(shapes, t.path).shape)
+            want = _hf_shape(t.kind, t.inputs, tensor_matching.get_path(shapes, t.path).shape)
             got = tuple(f.get_slice(name).get_shape())
             if got != want:
                 raise ValueError(f"Tensor {name!r} has shape {got}; the model needs {want}.")
@@ -866,8 +846,10 @@ def from_pretrained(
             _check_buffer(f, name, config)
         params: dict[str, Any] = {}
         for name, t in tensors.items():
-            flax_shape = _get_path(shapes, t.path).shape
-            _set_path(params, t.path, _to_flax(f.get_tensor(name), t.kind, flax_shape))
+            flax_shape = tensor_matching.get_path(shapes, t.path).shape
+            tensor_matching.set_path(
+                params, t.path, _to_flax(f.get_tensor(name), t.kind, flax_shape)
+            )
     _check_same_tree(params, shapes, path)
     return model, params
 
@@ -887,7 +869,7 @@ def to_hf_state_dict(
     """
     state = {}
     for name, t in hf_tensor_map(config).items():
-        value = np.asarray(_get_path(params, t.path), np.float32)
+        value = np.asarray(tensor_matching.get_path(params, t.path), np.float32)
         hf_shape = _hf_shape(t.kind, t.inputs, value.shape)
         if t.kind == "linear":
             value = value.reshape(hf_shape[::-1]).T

@@ -867,3 +867,19 @@ def count_params(config: T5Config) -> int:
     """Number of parameters of the model, computed from shapes only (no allocation)."""
     shapes = jax.eval_shape(functools.partial(init_variables, config), jax.random.key(0))
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
+
+
+def from_pretrained(path: str, **config_overrides) -> tuple["Transformer", dict]:
+    """(model, float32 params) of a T5X checkpoint or a Hugging Face T5 directory.
+
+    See `sam_jax.models.t5_checkpoints.from_pretrained` (imported here on use, so
+    that importing this module does not import Orbax).
+
+    Example::
+
+      model, params = t5.from_pretrained("gs://t5-data/pretrained_models/t5x/"
+                                         "t5_1_1_small/checkpoint_1000000")
+    """
+    from sam_jax.models import t5_checkpoints  # noqa: PLC0415
+
+    return t5_checkpoints.from_pretrained(path, **config_overrides)
