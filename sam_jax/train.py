@@ -447,6 +447,60 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+# The T5Config fields a checkpoint fixes (the others are the run's choice).
+CHECKPOINT_SHAPE_FIELDS = (
+    "vocab_size",
+    "emb_dim",
+    "num_heads",
+    "num_encoder_layers",
+    "num_decoder_layers",
+    "head_dim",
+    "mlp_dim",
+    "logits_via_embedding",
+    "relative_attention_num_buckets",
+)
+
+
+def pretrained_state(setup: "TrainSetup", path: str):
+    """The step-0 `TrainState` of a pre-trained T5 (INITIAL_CHECKPOINT_PATH), on the mesh.
+
+    Args:
+      setup: the run's `TrainSetup` (its model config must match the checkpoint's shapes).
+      path: a T5X checkpoint (`.../checkpoint_<step>`) or a Hugging Face T5 directory.
+
+    Raises:
+      ConfigError: the checkpoint cannot be read, or its shapes are not the model gin
+        file's.
+    """
+    config = setup.trainer.model.config
+    try:
+        loaded, params = t5.from_pretrained(
+            path,
+            dtype=config.dtype,
+            dropout_rate=config.dropout_rate,
+            relative_attention_max_distance=config.relative_attention_max_distance,
+        )
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"INITIAL_CHECKPOINT_PATH: {_one_line(error)}") from error
+    mismatched = [
+        f"{name}={getattr(loaded.config, name)} (the model gin file: {getattr(config, name)})"
+        for name in CHECKPOINT_SHAPE_FIELDS
+        if getattr(loaded.config, name) != getattr(config, name)
+    ]
+    _check(
+        not mismatched,
+        f"INITIAL_CHECKPOINT_PATH {path} is another model: {', '.join(mismatched)}; use the "
+        "model gin file of its size.",
+    )
+    shardings = setup.state_shardings
+    start = setup.partitioner.partition(
+        setup.trainer.state_from_params,
+        in_shardings=(shardings.params,),
+        out_shardings=shardings,
+    )
+    return start(jax.device_put(params, shardings.params))
+
+
 class TrainSetup(NamedTuple):
     """The trainer of a run and its partitioned functions, as `train` builds them.
 
@@ -578,6 +632,7 @@ def train(
     seed: int = 0,
     pack: bool = False,
     z_loss: float = 1e-4,
+    initial_checkpoint_path: str | None = None,
     checkpoint_period: int = 200,
     keep_checkpoints: int = 3,
     eval_period: int = 200,
@@ -610,6 +665,11 @@ def train(
       seed: parameter initialisation, dropout and data order.
       pack: pack training examples (EncDecFeatureConverter(pack=True)).
       z_loss: T5X's auxiliary log(Z)² loss coefficient.
+      initial_checkpoint_path: a pre-trained model to start from when MODEL_DIR has
+        no checkpoint (INITIAL_CHECKPOINT_PATH): a T5X checkpoint directory
+        (`.../checkpoint_<step>`, Orbax or legacy) or a Hugging Face T5 directory
+        (`config.json` + `model.safetensors`). Only its parameters are read; the
+        optimizer starts fresh. None starts from a random initialisation.
       checkpoint_period: save every this many steps (and at evals and the end).
       keep_checkpoints: recent checkpoints to keep (best ones are kept too).
       eval_period: evaluate every this many steps and at the end.
@@ -647,6 +707,12 @@ def train(
     _check(
         sequence_length is not None and {"inputs", "targets"} <= set(sequence_length),
         f"sequence_length must give 'inputs' and 'targets', got {sequence_length!r}.",
+    )
+    _check(
+        not initial_checkpoint_path
+        or "://" in initial_checkpoint_path
+        or os.path.exists(initial_checkpoint_path),
+        f"INITIAL_CHECKPOINT_PATH {initial_checkpoint_path} does not exist.",
     )
     try:
         mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
@@ -709,7 +775,10 @@ def train(
         start_step = checkpointer.latest_step()
         if eval_only:
             _check(start_step is not None, f"eval_only: no checkpoint in {model_dir} to evaluate.")
-        if start_step is None:
+        if start_step is None and initial_checkpoint_path:
+            logging.info("Starting from the pre-trained %s.", initial_checkpoint_path)
+            state, start_step = pretrained_state(setup, initial_checkpoint_path), 0
+        elif start_step is None:
             state, start_step = setup.init_state(), 0
         else:
             logging.info("Restoring the checkpoint of step %d from %s.", start_step, model_dir)

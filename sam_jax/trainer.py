@@ -253,7 +253,10 @@ class Trainer:
 
     def init_state(self, rng: jax.Array) -> TrainState:
         """A fresh `TrainState` at step 0 (unboxed float32 parameters)."""
-        params = nn.meta.unbox(self.init_params(rng))
+        return self.state_from_params(nn.meta.unbox(self.init_params(rng)))
+
+    def state_from_params(self, params) -> TrainState:
+        """The `TrainState` at step 0 that starts from `params` (e.g. a pre-trained model's)."""
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,

@@ -9,6 +9,7 @@ same step in another run) loads from disk.
 
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_compilat
 
 pytest.importorskip("seqio")
 
+import minilm  # noqa: E402
 from multiprocess_harness import REPO_DIR  # noqa: E402
 from multiprocess_harness import launch_processes  # noqa: E402
 from multiprocess_harness import process_env  # noqa: E402
@@ -339,3 +341,85 @@ def test_eval_gin_evaluates_the_latest_checkpoint_and_trains_nothing(one_device_
     with pytest.raises(train.ConfigError, match="no checkpoint in .* to evaluate"):
         cli(args + [f"--gin.MODEL_DIR='{tmp_path / 'none'}'"])
     assert not os.path.exists(tmp_path / "none")
+
+
+# --- INITIAL_CHECKPOINT_PATH ---------------------------------------------------------
+
+
+def write_hf_t5(directory, config, seed):
+    """A Hugging Face T5 directory (config.json + model.safetensors) of a random model."""
+    import json  # noqa: PLC0415
+
+    from flax import linen as nn  # noqa: PLC0415
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    from sam_jax.models import t5  # noqa: PLC0415
+    from sam_jax.models import t5_checkpoints  # noqa: PLC0415
+
+    params = nn.meta.unbox(t5.init_variables(config, jax.random.key(seed))["params"])
+    os.makedirs(directory)
+    save_file(
+        t5_checkpoints.to_hf_state_dict(config, params),
+        os.path.join(directory, "model.safetensors"),
+    )
+    with open(os.path.join(directory, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(t5_checkpoints.to_hf_config(config), f)
+    return jax.tree.map(np.asarray, params)
+
+
+def run_config(**overrides):
+    """The T5Config RUN_ARGS train (tiny.gin with one encoder and one decoder layer)."""
+    from sam_jax.models import t5  # noqa: PLC0415
+
+    layers = {"num_encoder_layers": 1, "num_decoder_layers": 1, **overrides}
+    return t5.t5_1_1_config("tiny", vocab_size=1280, **layers)
+
+
+def test_initial_checkpoint_path_starts_from_the_pretrained_weights(tmp_path, compilation_cache):
+    """With a learning rate of 0, the first checkpoint holds exactly the loaded weights."""
+    pretrained = write_hf_t5(str(tmp_path / "hf_t5"), run_config(), seed=7)
+    model_dir = str(tmp_path / "run")
+    cli(
+        RUN_ARGS
+        + [
+            f"--gin.MODEL_DIR='{model_dir}'",
+            f"--gin.INITIAL_CHECKPOINT_PATH='{tmp_path / 'hf_t5'}'",
+            "--gin.TRAIN_STEPS=1",
+            "--gin.LEARNING_RATE=0.0",
+            "--gin.EVAL_PERIOD=100",
+        ]
+    )
+    assert max_difference(final_params(model_dir, 1), pretrained) == 0.0
+    random_dir = str(tmp_path / "random")
+    cli(
+        RUN_ARGS
+        + [f"--gin.MODEL_DIR='{random_dir}'", "--gin.TRAIN_STEPS=1", "--gin.EVAL_PERIOD=100"]
+    )
+    assert max_difference(final_params(random_dir, 1), pretrained) > 0.1
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: write_hf_t5(d, run_config(num_encoder_layers=2), 0), "num_encoder_layers=2"),
+        (lambda d: os.makedirs(d), "neither"),
+        (lambda d: shutil.copytree(minilm.model_dir(), d), "Unsupported model_type 'bert'"),
+        (lambda d: None, "does not exist"),
+    ],
+    ids=["other_size", "not_a_checkpoint", "bert_checkpoint", "missing"],
+)
+def test_a_bad_initial_checkpoint_is_a_one_line_error_before_anything_is_written(
+    tmp_path, make, message
+):
+    checkpoint = str(tmp_path / "checkpoint")
+    make(checkpoint)
+    model_dir = str(tmp_path / "run")
+    args = RUN_ARGS + [
+        f"--gin.MODEL_DIR='{model_dir}'",
+        f"--gin.INITIAL_CHECKPOINT_PATH='{checkpoint}'",
+        "--gin.TRAIN_STEPS=1",
+    ]
+    with pytest.raises(train.ConfigError, match=message) as error:
+        cli(args)
+    assert "\n" not in error.value.message
+    assert not os.path.exists(os.path.join(model_dir, train.CONFIG_FILE))
