@@ -61,6 +61,7 @@ from harness import round_robin
 from harness import synthetic_batch
 
 import sam_jax
+from sam_jax import config as run_config
 from sam_jax import train as train_lib
 from sam_jax import trainer as trainer_lib
 
@@ -154,7 +155,7 @@ def parse_variant_gin(
         f"BATCH_SIZE = {batch_size}",
         f"TASK_FEATURE_LENGTHS = {dict(lengths)!r}",
     ]
-    train_lib.parse_gin(files, bindings)
+    run_config.parse_gin(files, bindings)
 
 
 def label_of(variant: str, sam) -> str:
@@ -377,5 +378,5 @@ def main(argv: Sequence[str]) -> None:
 if __name__ == "__main__":
     app.run(
         main,
-        flags_parser=lambda argv: app.parse_flags_with_usage(train_lib.rewrite_gin_args(argv)),
+        flags_parser=lambda argv: app.parse_flags_with_usage(run_config.rewrite_gin_args(argv)),
     )

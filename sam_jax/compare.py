@@ -28,6 +28,7 @@ from absl import flags
 from absl import logging
 from jax.experimental.compilation_cache import compilation_cache as compilation_cache_lib
 
+from sam_jax import config as run_config
 from sam_jax import summaries
 from sam_jax import tasks  # noqa: F401  (registers the demo tasks)
 from sam_jax import train as train_lib
@@ -91,7 +92,7 @@ def run_variant(
     for arg in extra:
         key, value = arg.split("=", 1)
         (gin_files if key == "--gin_file" else gin_bindings).append(value)
-    train_lib.parse_gin(gin_files, gin_bindings)
+    run_config.parse_gin(gin_files, gin_bindings)
     logging.info("Training %s in %s.", name, model_dir)
     result = train_lib.train()
     history = summaries.read_history(model_dir)
@@ -224,7 +225,7 @@ def compare(
     known = dict(VARIANTS)
     unknown = [name for name in variants if name not in known]
     if unknown:
-        raise train_lib.ConfigError(f"Unknown variants {unknown}; choose from {list(known)}.")
+        raise run_config.ConfigError(f"Unknown variants {unknown}; choose from {list(known)}.")
     mixture = demo.register_demo_tasks(train_fraction=train_fraction, seed=seed)["mixture"]
     bindings = common_bindings(mixture, train_steps, batch_size, eval_period, seed)
     bindings += list(extra_bindings)
@@ -278,7 +279,7 @@ def _main(argv: Sequence[str]) -> None:
             seed=_SEED.value,
             variants=_VARIANTS.value,
         )
-    except train_lib.ConfigError as error:
+    except run_config.ConfigError as error:
         raise SystemExit(f"error: {error.message}") from None
 
 

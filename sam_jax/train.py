@@ -31,11 +31,9 @@ import importlib
 import logging as std_logging
 import os
 import queue
-import re
 import signal
 import sys
 import threading
-import tokenize
 from collections.abc import Callable
 from collections.abc import Iterator
 from collections.abc import Mapping
@@ -53,42 +51,16 @@ from absl import flags
 from absl import logging
 from jax.experimental import multihost_utils
 
-import sam_jax
 from sam_jax import checkpoints
+from sam_jax import config
 from sam_jax import data
 from sam_jax import decoding
+from sam_jax import evaluation
 from sam_jax import partitioning
 from sam_jax import summaries
 from sam_jax import trainer as trainer_lib
 from sam_jax.models import t5
 
-
-def find_gin_dir(package_dir: str) -> str:
-    """The gin configs of the `sam_jax` package in `package_dir`.
-
-    A regular install (`pip install .`) has them as the package data
-    `<package_dir>/gin`: setup.py maps the repository's gin/ directory onto
-    `sam_jax.gin`. A source checkout or an editable install has them in the
-    repository's gin/ directory, next to `package_dir`.
-
-    Args:
-      package_dir: the directory of the `sam_jax` package.
-
-    Returns:
-      `<package_dir>/gin` if it is a directory, else `<package_dir>/../gin`.
-    """
-    installed = os.path.join(package_dir, "gin")
-    if os.path.isdir(installed):
-        return installed
-    return os.path.join(os.path.dirname(package_dir), "gin")
-
-
-# The gin configs ('runs/finetune.gin', 'models/t5_1_1/tiny.gin', ...; their
-# `include`s are relative to it).
-GIN_DIR = find_gin_dir(os.path.dirname(os.path.abspath(__file__)))
-# Where gin files are looked up, after the path as given: GIN_DIR, its parent (so
-# that 'gin/runs/finetune.gin' works from any directory) and the cwd.
-DEFAULT_GIN_SEARCH_PATHS = (GIN_DIR, os.path.dirname(GIN_DIR), ".")
 CONFIG_FILE = "config.gin"
 CHECKPOINTS_SUBDIR = "checkpoints"
 
@@ -98,7 +70,7 @@ _GIN_BINDINGS = flags.DEFINE_multi_string(
 )
 _GIN_SEARCH_PATHS = flags.DEFINE_list(
     "gin_search_paths",
-    list(DEFAULT_GIN_SEARCH_PATHS),
+    list(config.DEFAULT_GIN_SEARCH_PATHS),
     "Directories in which gin files and their includes are looked up.",
 )
 _MODULE_IMPORTS = flags.DEFINE_multi_string(
@@ -109,34 +81,6 @@ _COORDINATOR_ADDRESS = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's id.")
-
-# What gin files may reference (T5X names: `@optax.adafactor`, `@sam_jax.sam`, ...).
-for _fn, _module in (
-    (optax.adafactor, "optax"),
-    (optax.adamw, "optax"),
-    (optax.constant_schedule, "optax"),
-    (trainer_lib.rsqrt_schedule, "sam_jax.trainer"),
-    (sam_jax.sam, "sam_jax"),
-    (sam_jax.per_instance_sam, "sam_jax"),
-    (sam_jax.delta_sam, "sam_jax"),
-    (sam_jax.delta_sam_draft, "sam_jax"),
-    (sam_jax.fisher_mask, "sam_jax"),
-    (t5.t5_1_1_config, "sam_jax.models.t5"),
-):
-    gin.external_configurable(_fn, module=_module)
-
-
-class ConfigError(ValueError):
-    """Invalid input to a run (flags, gin files, names, sizes): reported in one line.
-
-    Attributes:
-      message: the one-line message (when the error passes through the gin
-        configurable `train`, gin appends lines naming it to `str(error)`).
-    """
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
 
 
 class TrainResult(NamedTuple):
@@ -157,146 +101,6 @@ class TrainResult(NamedTuple):
     best: dict[str, checkpoints.Best]
     seconds_per_step: float
     stopped_by: str | None
-
-
-# --------------------------------------------------------------------------- #
-# Flags and gin.
-# --------------------------------------------------------------------------- #
-
-
-def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
-    """Turns T5X-style `--gin.NAME=VALUE` arguments into `--gin_bindings=NAME = VALUE`."""
-    rewritten = []
-    for arg in argv:
-        if arg.startswith("--gin."):
-            if "=" not in arg:
-                raise app.UsageError(f"Expected --gin.NAME=VALUE, got {arg!r}.")
-            name, value = arg[len("--gin.") :].split("=", 1)
-            arg = f"--gin_bindings={name} = {value}"
-        rewritten.append(arg)
-    return rewritten
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split())
-
-
-def _resolve_gin_path(path: str, search_paths: Sequence[str]) -> str | None:
-    for prefix in ("", *search_paths):
-        candidate = os.path.join(prefix, path)
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
-_INCLUDE = re.compile(r"""^\s*include\s+(['"])(.+?)\1""", re.MULTILINE)
-
-
-def _token_error_location(path: str) -> tuple[int, str] | None:
-    """(line, message) of the first tokenizer error in a gin file, or None.
-
-    An unclosed bracket is reported at the line where it opens.
-    """
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    opened: list[tuple[str, int]] = []
-    tokens = tokenize.generate_tokens(iter(text.splitlines(keepends=True)).__next__)
-    try:
-        for token in tokens:
-            if token.type == tokenize.OP and token.string in "([{":
-                opened.append((token.string, token.start[0]))
-            elif token.type == tokenize.OP and token.string in ")]}" and opened:
-                opened.pop()
-    except tokenize.TokenError as error:
-        if opened:
-            bracket, line = opened[-1]
-            return line, f"unclosed {bracket!r}"
-        return error.args[1][0], error.args[0]
-    return None
-
-
-def _locate_malformed_gin(gin_files: Sequence[str], search_paths: Sequence[str]) -> str | None:
-    """'file:line: message' for the first gin file (or include) that does not tokenize."""
-    pending, seen = list(gin_files), set()
-    while pending:
-        path = _resolve_gin_path(pending.pop(0), search_paths)
-        if path is None or path in seen:
-            continue
-        seen.add(path)
-        location = _token_error_location(path)
-        if location is not None:
-            return f"{path}:{location[0]}: malformed gin file: {location[1]}"
-        with open(path, encoding="utf-8") as f:
-            pending.extend(match.group(2) for match in _INCLUDE.finditer(f.read()))
-    return None
-
-
-def _malformed_gin_message(
-    error: SyntaxError | tokenize.TokenError,
-    gin_files: Sequence[str],
-    search_paths: Sequence[str],
-) -> str:
-    """'file:line: malformed gin file: ...' for a parse error of gin files.
-
-    An unclosed bracket makes gin fail lines later (or at the end of the file
-    without a location), so the files are first checked for the bracket.
-    """
-    where = _locate_malformed_gin(gin_files, search_paths)
-    if where is not None:
-        return where
-    location = error.args[1] if len(error.args) > 1 else None
-    if not isinstance(error, SyntaxError) or location is None:
-        return f"malformed gin file: {_one_line(error)}"
-    filename = getattr(location, "filename", error.filename)
-    line = getattr(location, "line_num", error.lineno)
-    content = (getattr(location, "line_content", "") or "").strip()
-    # gin's first line may be an AST repr; its last line says what it could not parse.
-    reason = [part.strip() for part in str(error.args[0]).splitlines() if part.strip()][-1]
-    return f"{filename}:{line}: malformed gin file: {reason.rstrip('.')}: {content}"
-
-
-def parse_gin(
-    gin_files: Sequence[str],
-    gin_bindings: Sequence[str],
-    search_paths: Sequence[str] = DEFAULT_GIN_SEARCH_PATHS,
-) -> None:
-    """Replaces the gin config: parses files, then bindings, then finalizes (T5X order).
-
-    Example::
-
-      parse_gin(["runs/finetune.gin", "models/t5_1_1/tiny.gin", "sam/sam.gin"],
-                ["MODEL_DIR = '/tmp/run1'", "RHO = 0.15"])
-
-    Raises:
-      ConfigError: for a missing or malformed file ('file:line: ...'), a malformed
-        binding, an unknown configurable or a required macro left unset.
-    """
-    gin.clear_config()
-    for path in search_paths:
-        gin.add_config_file_search_path(path)
-    try:
-        gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
-    except (SyntaxError, tokenize.TokenError) as error:
-        raise ConfigError(_malformed_gin_message(error, gin_files, search_paths)) from error
-    except (OSError, ValueError) as error:
-        raise ConfigError(_one_line(error)) from error
-    try:
-        gin.parse_config_files_and_bindings(None, gin_bindings, finalize_config=False)
-    except (SyntaxError, tokenize.TokenError, ValueError) as error:
-        raise ConfigError(
-            f"malformed gin binding in {list(gin_bindings)}: {_one_line(error)}"
-        ) from error
-    try:
-        gin.finalize()
-    except ValueError as error:
-        missing = re.match(r"(\w+)/macro\.value set to `%gin.REQUIRED`", str(error))
-        if missing:
-            name = missing.group(1)
-            raise ConfigError(
-                f"{name} is required and not set: pass --gin.{name}=... (strings in quotes, "
-                f"e.g. --gin.MODEL_DIR=\"'/tmp/run1'\")."
-            ) from error
-        raise ConfigError(_one_line(error)) from error
 
 
 # --------------------------------------------------------------------------- #
@@ -399,52 +203,9 @@ def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
 # --------------------------------------------------------------------------- #
 
 
-def evaluate(
-    eval_tasks: Sequence[data.EvalTask],
-    params,
-    *,
-    partitioner: partitioning.Partitioner,
-    eval_step: Callable,
-    decode: Callable,
-) -> dict[str, float]:
-    """Eval loss and seqio metrics of every task on its greedy predictions.
-
-    Returns:
-      {'<task>/<metric>': value, '<task>/loss': mean per-example loss}.
-    """
-    results = {}
-    indices = partitioner.data_layout.local_indices
-    for task in eval_tasks:
-        vocabulary = task.task.output_features["targets"].vocabulary
-        loss_sum = examples = 0.0
-        predicted_ids = []
-        for batch in task.batches:
-            local = {name: batch[name][indices(len(batch[name]))] for name in data.ENC_DEC_FEATURES}
-            global_batch = partitioner.global_batch(local)
-            sums = jax.device_get(eval_step(params, global_batch))
-            loss_sum += float(sums["loss_sum"])
-            examples += float(sums["examples"])
-            tokens = multihost_utils.process_allgather(decode(params, global_batch), tiled=True)
-            predicted_ids.extend(decoding.strip_after_eos(tokens))
-        predictions = [
-            task.task.postprocess_fn(vocabulary.decode(ids), example=None, is_target=False)
-            for ids in predicted_ids[: len(task.targets)]
-        ]
-        for metric_fn in task.task.predict_metric_fns:
-            for name, value in metric_fn(task.targets, predictions).items():
-                results[f"{task.name}/{name}"] = float(value)
-        results[f"{task.name}/loss"] = loss_sum / max(examples, 1.0)
-    return results
-
-
 # --------------------------------------------------------------------------- #
 # The run.
 # --------------------------------------------------------------------------- #
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
 
 
 # The T5Config fields a checkpoint fixes (the others are the run's choice).
@@ -469,25 +230,25 @@ def pretrained_state(setup: "TrainSetup", path: str):
       path: a T5X checkpoint (`.../checkpoint_<step>`) or a Hugging Face T5 directory.
 
     Raises:
-      ConfigError: the checkpoint cannot be read, or its shapes are not the model gin
+      config.ConfigError: the checkpoint cannot be read, or its shapes are not the model gin
         file's.
     """
-    config = setup.trainer.model.config
+    model_config = setup.trainer.model.config
     try:
         loaded, params = t5.from_pretrained(
             path,
-            dtype=config.dtype,
-            dropout_rate=config.dropout_rate,
-            relative_attention_max_distance=config.relative_attention_max_distance,
+            dtype=model_config.dtype,
+            dropout_rate=model_config.dropout_rate,
+            relative_attention_max_distance=model_config.relative_attention_max_distance,
         )
     except (OSError, ValueError) as error:
-        raise ConfigError(f"INITIAL_CHECKPOINT_PATH: {_one_line(error)}") from error
+        raise config.ConfigError(f"INITIAL_CHECKPOINT_PATH: {config.one_line(error)}") from error
     mismatched = [
-        f"{name}={getattr(loaded.config, name)} (the model gin file: {getattr(config, name)})"
+        f"{name}={getattr(loaded.config, name)} (the model gin file: {getattr(model_config, name)})"
         for name in CHECKPOINT_SHAPE_FIELDS
-        if getattr(loaded.config, name) != getattr(config, name)
+        if getattr(loaded.config, name) != getattr(model_config, name)
     ]
-    _check(
+    config.check(
         not mismatched,
         f"INITIAL_CHECKPOINT_PATH {path} is another model: {', '.join(mismatched)}; use the "
         "model gin file of its size.",
@@ -573,7 +334,7 @@ def setup_training(
     model = dataclasses.replace(model, dtype=jnp.dtype(model.dtype))
     partitioner = partitioning.Partitioner(num_partitions, logical_axis_rules)
     partitioner.check_batch_size(batch_size)
-    _check(
+    config.check(
         batch_size % (num_microbatches * partitioner.data_axis_size) == 0,
         f"The batch size {batch_size} must be a multiple of num_microbatches "
         f"({num_microbatches}) × the data axis size ({partitioner.data_axis_size}).",
@@ -684,13 +445,15 @@ def train(
       A `TrainResult`.
 
     Raises:
-      ConfigError: for invalid input, before anything is written to `model_dir`.
+      config.ConfigError: for invalid input, before anything is written to `model_dir`.
     """
     # Validate everything before anything is written.
-    _check(bool(model_dir), "MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\".")
-    _check(bool(mixture_or_task_name), "MIXTURE_OR_TASK_NAME is not set.")
-    _check(model is not None, "No model: add a model gin file, e.g. gin/models/t5_1_1/tiny.gin.")
-    _check(
+    config.check(bool(model_dir), "MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\".")
+    config.check(bool(mixture_or_task_name), "MIXTURE_OR_TASK_NAME is not set.")
+    config.check(
+        model is not None, "No model: add a model gin file, e.g. gin/models/t5_1_1/tiny.gin."
+    )
+    config.check(
         isinstance(train_steps, int) and train_steps >= 0,
         f"TRAIN_STEPS must be an integer ≥ 0, got {train_steps!r}.",
     )
@@ -701,14 +464,14 @@ def train(
         ("keep_checkpoints", keep_checkpoints),
         ("num_microbatches", num_microbatches),
     ):
-        _check(
+        config.check(
             isinstance(value, int) and value >= 1, f"{name} must be an integer ≥ 1, got {value!r}."
         )
-    _check(
+    config.check(
         sequence_length is not None and {"inputs", "targets"} <= set(sequence_length),
         f"sequence_length must give 'inputs' and 'targets', got {sequence_length!r}.",
     )
-    _check(
+    config.check(
         not initial_checkpoint_path
         or "://" in initial_checkpoint_path
         or os.path.exists(initial_checkpoint_path),
@@ -717,9 +480,9 @@ def train(
     try:
         mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
     except ValueError as error:
-        raise ConfigError(_one_line(error)) from error
+        raise config.ConfigError(config.one_line(error)) from error
     vocabulary = mixture_or_task.output_features["targets"].vocabulary
-    _check(
+    config.check(
         vocabulary.vocab_size <= model.vocab_size,
         f"{mixture_or_task_name}'s vocabulary has {vocabulary.vocab_size} ids but the model's "
         f"vocab_size is {model.vocab_size}: set VOCAB_SIZE ≥ {vocabulary.vocab_size}.",
@@ -746,7 +509,7 @@ def train(
             max_examples=max_eval_examples,
         )
     except (ValueError, TypeError) as error:
-        raise ConfigError(_one_line(error)) from error
+        raise config.ConfigError(config.one_line(error)) from error
     trainer, partitioner, state_shardings = setup.trainer, setup.partitioner, setup.state_shardings
     logging.info("%s; %s", partitioner, trainer.model.config)
 
@@ -766,7 +529,7 @@ def train(
 
     is_chief = jax.process_index() == 0
     checkpoint_dir = os.path.join(model_dir, CHECKPOINTS_SUBDIR)
-    _check(
+    config.check(
         not eval_only or os.path.isdir(checkpoint_dir),
         f"eval_only: no checkpoint in {model_dir} to evaluate.",
     )
@@ -774,7 +537,9 @@ def train(
     try:
         start_step = checkpointer.latest_step()
         if eval_only:
-            _check(start_step is not None, f"eval_only: no checkpoint in {model_dir} to evaluate.")
+            config.check(
+                start_step is not None, f"eval_only: no checkpoint in {model_dir} to evaluate."
+            )
         if start_step is None and initial_checkpoint_path:
             logging.info("Starting from the pre-trained %s.", initial_checkpoint_path)
             state, start_step = pretrained_state(setup, initial_checkpoint_path), 0
@@ -793,7 +558,7 @@ def train(
         def run_eval(step: int) -> None:
             nonlocal last_eval, best
             with writer.paused():
-                last_eval = evaluate(
+                last_eval = evaluation.evaluate(
                     eval_tasks,
                     state.params,
                     partitioner=partitioner,
@@ -928,13 +693,13 @@ def run(argv: Sequence[str]) -> TrainResult:
     Imports the task modules, parses gin, runs `train` and prints its final table.
     """
     if len(argv) > 1:
-        raise ConfigError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        raise config.ConfigError(f"Unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(QuietLibraries())
     if jax.process_index() != 0:
         logging.set_verbosity(logging.WARNING)
     for module in _MODULE_IMPORTS.value:
         importlib.import_module(module)
-    parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
+    config.parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
     result = train()
     if jax.process_index() == 0:
         print(final_table(result), flush=True)
@@ -948,13 +713,15 @@ def _main(argv: Sequence[str]) -> None:
     )
     try:
         run(argv)
-    except ConfigError as error:
+    except config.ConfigError as error:
         sys.exit(f"error: {error.message}")
 
 
 def main() -> None:
     """The console script `sam_jax_train`: `python -m sam_jax.train` with the same flags."""
-    app.run(_main, flags_parser=lambda argv: app.parse_flags_with_usage(rewrite_gin_args(argv)))
+    app.run(
+        _main, flags_parser=lambda argv: app.parse_flags_with_usage(config.rewrite_gin_args(argv))
+    )
 
 
 if __name__ == "__main__":

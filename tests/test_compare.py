@@ -77,7 +77,7 @@ def test_the_table_and_the_plot(short_comparison, capsys):
 
 
 def test_unknown_variants_are_refused(tmp_path):
-    with pytest.raises(compare.train_lib.ConfigError, match="Unknown variants \\['SGD'\\]"):
+    with pytest.raises(compare.run_config.ConfigError, match="Unknown variants \\['SGD'\\]"):
         compare.compare(str(tmp_path), variants=["SGD"], **SHORT)
     assert os.listdir(tmp_path) == []
 

@@ -16,7 +16,7 @@ import zipfile
 
 import pytest
 
-from sam_jax import train
+from sam_jax import config as run_config  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # What setup.py needs to build the wheel.
@@ -85,7 +85,7 @@ def test_repository_has_gin_files():
 
 
 def test_wheel_ships_every_gin_file_where_train_looks_for_it(installed):
-    gin_dir = pathlib.Path(train.find_gin_dir(str(installed / "sam_jax")))
+    gin_dir = pathlib.Path(run_config.find_gin_dir(str(installed / "sam_jax")))
     assert gin_dir == installed / "sam_jax" / "gin"
     shipped = sorted(path.relative_to(gin_dir).as_posix() for path in gin_dir.glob("**/*.gin"))
     assert shipped == repo_gin_files()
@@ -99,7 +99,7 @@ def test_wheel_ships_the_demo_vocabulary(installed):
 
 
 def test_source_checkout_finds_the_repository_gin_directory():
-    assert train.find_gin_dir(str(REPO / "sam_jax")) == str(REPO / "gin")
+    assert run_config.find_gin_dir(str(REPO / "sam_jax")) == str(REPO / "gin")
 
 
 def test_installed_train_parses_gin_files_and_includes_outside_the_repository(installed, tmp_path):
@@ -108,15 +108,16 @@ def test_installed_train_parses_gin_files_and_includes_outside_the_repository(in
     script = textwrap.dedent(
         """
         import gin
+        from sam_jax import config as run_config
         from sam_jax import train
 
         print(train.__file__)
-        print(train.GIN_DIR)
+        print(run_config.GIN_DIR)
         for files in (
             ["runs/finetune.gin", "models/t5_1_1/tiny.gin"],
             ["gin/runs/finetune.gin", "gin/models/t5_1_1/tiny.gin"],
         ):
-            train.parse_gin(
+            run_config.parse_gin(
                 files, ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'x'", "TRAIN_STEPS = 1"]
             )
             # DROPOUT_RATE is set in models/t5_1_1/architecture.gin, which tiny.gin includes.

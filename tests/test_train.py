@@ -30,6 +30,7 @@ from multiprocess_harness import REPO_DIR  # noqa: E402
 from multiprocess_harness import launch_processes  # noqa: E402
 from multiprocess_harness import process_env  # noqa: E402
 
+from sam_jax import config as run_config  # noqa: E402
 from sam_jax import summaries  # noqa: E402
 from sam_jax import tasks  # noqa: E402, F401  (registers the demo tasks)
 from sam_jax import train  # noqa: E402
@@ -72,7 +73,7 @@ def compilation_cache(tmp_path_factory):
 def cli(args) -> train.TrainResult:
     """Runs the command line in this process (flags parsed as `main` parses them)."""
     flags.FLAGS.unparse_flags()
-    argv = flags.FLAGS(["sam_jax.train", *train.rewrite_gin_args(args)])
+    argv = flags.FLAGS(["sam_jax.train", *run_config.rewrite_gin_args(args)])
     return train.run(argv)
 
 
@@ -270,7 +271,7 @@ def test_bad_input_is_a_one_line_error_and_leaves_the_run_alone(
     model_dir = one_device_run[0]
     before = file_tree(model_dir)
     args = RUN_ARGS + SAM_ARGS + [f"--gin.MODEL_DIR='{model_dir}'"] + extra_args
-    with pytest.raises(train.ConfigError, match=message) as error:
+    with pytest.raises(run_config.ConfigError, match=message) as error:
         cli(args)
     assert "\n" not in error.value.message
     assert file_tree(model_dir) == before
@@ -285,11 +286,11 @@ def test_malformed_gin_files_are_named_with_their_line(tmp_path):
         (bad_value, 2, "malformed gin file"),
         (includes, 2, "unclosed '('"),
     ):
-        with pytest.raises(train.ConfigError) as error:
+        with pytest.raises(run_config.ConfigError) as error:
             cli(RUN_ARGS + [f"--gin_file={path}", "--gin.MODEL_DIR='/nonexistent'"])
         where = unclosed if path == includes else path
         assert error.value.message.startswith(f"{where}:{line}: ") and what in error.value.message
-    with pytest.raises(train.ConfigError, match=r"Unable to open file: missing\.gin"):
+    with pytest.raises(run_config.ConfigError, match=r"Unable to open file: missing\.gin"):
         cli(RUN_ARGS + ["--gin_file=missing.gin"])
     assert not os.path.exists("/nonexistent")
 
@@ -338,7 +339,7 @@ def test_eval_gin_evaluates_the_latest_checkpoint_and_trains_nothing(one_device_
     assert sorted(name for name in os.listdir(checkpoints) if name.isdigit()) == saved
     last = summaries.read_history(model_dir)[-1]
     assert last["step"] == result.step and "eval/demo_nli/accuracy" in last["eval"]
-    with pytest.raises(train.ConfigError, match="no checkpoint in .* to evaluate"):
+    with pytest.raises(run_config.ConfigError, match="no checkpoint in .* to evaluate"):
         cli(args + [f"--gin.MODEL_DIR='{tmp_path / 'none'}'"])
     assert not os.path.exists(tmp_path / "none")
 
@@ -367,7 +368,7 @@ def write_hf_t5(directory, config, seed):
     return jax.tree.map(np.asarray, params)
 
 
-def run_config(**overrides):
+def tiny_run_config(**overrides):
     """The T5Config RUN_ARGS train (tiny.gin with one encoder and one decoder layer)."""
     from sam_jax.models import t5  # noqa: PLC0415
 
@@ -377,7 +378,7 @@ def run_config(**overrides):
 
 def test_initial_checkpoint_path_starts_from_the_pretrained_weights(tmp_path, compilation_cache):
     """With a learning rate of 0, the first checkpoint holds exactly the loaded weights."""
-    pretrained = write_hf_t5(str(tmp_path / "hf_t5"), run_config(), seed=7)
+    pretrained = write_hf_t5(str(tmp_path / "hf_t5"), tiny_run_config(), seed=7)
     model_dir = str(tmp_path / "run")
     cli(
         RUN_ARGS
@@ -401,7 +402,7 @@ def test_initial_checkpoint_path_starts_from_the_pretrained_weights(tmp_path, co
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda d: write_hf_t5(d, run_config(num_encoder_layers=2), 0), "num_encoder_layers=2"),
+        (lambda d: write_hf_t5(d, tiny_run_config(num_encoder_layers=2), 0), "encoder_layers=2"),
         (lambda d: os.makedirs(d), "neither"),
         (lambda d: shutil.copytree(minilm.model_dir(), d), "Unsupported model_type 'bert'"),
         (lambda d: None, "does not exist"),
@@ -419,7 +420,7 @@ def test_a_bad_initial_checkpoint_is_a_one_line_error_before_anything_is_written
         f"--gin.INITIAL_CHECKPOINT_PATH='{checkpoint}'",
         "--gin.TRAIN_STEPS=1",
     ]
-    with pytest.raises(train.ConfigError, match=message) as error:
+    with pytest.raises(run_config.ConfigError, match=message) as error:
         cli(args)
     assert "\n" not in error.value.message
     assert not os.path.exists(os.path.join(model_dir, train.CONFIG_FILE))

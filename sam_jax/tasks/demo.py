@@ -51,6 +51,8 @@ VOCABULARY = seqio.SentencePieceVocabulary(VOCABULARY_PATH)
 def vocabulary() -> seqio.SentencePieceVocabulary:
     """The demo tasks' vocabulary (for gin: `VOCABULARY = @demo.vocabulary()`, gin/t5x/demo.gin)."""
     return VOCABULARY
+
+
 OUTPUT_FEATURES = {
     "inputs": seqio.Feature(vocabulary=VOCABULARY, add_eos=True, required=True),
     "targets": seqio.Feature(vocabulary=VOCABULARY, add_eos=True),
