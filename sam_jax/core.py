@@ -463,6 +463,25 @@ def _with_refreshed_mask(step: StepContext, state: SamGradientState, batch, key)
     return step._replace(params=params, coordinate_mask=mask_state.mask), mask_state
 
 
+def _with_mask_and_direction(step: StepContext, state: SamGradientState, batch, key):
+    """The step with this step's Fisher mask and δ-SAM's direction r, as configured.
+
+    Returns:
+      `(step, mask_state, mask_density)`. With ρ the constant 0 neither is
+      computed: the mask would perturb nothing and r would weigh nothing.
+    """
+    config, plain = step.config, is_plain(step.config.rho)
+    if config.mask is None or plain:
+        mask_state, density = state.mask_state, jnp.float32(1.0)
+    else:
+        step, mask_state = _with_refreshed_mask(step, state, batch, key)
+        density = mask_state.density
+    if config.reweight is not None and not plain:
+        direction = perturbation.random_perturbation(reweight_key(key), step.params, step.rho)
+        step = step._replace(direction=direction)
+    return step, mask_state, density
+
+
 def sam_gradient(
     loss_fn,
     params,
@@ -527,14 +546,7 @@ def sam_gradient(
     _check_batch(config, num_examples)
     rho = rho_at(config.rho, state.count)
     step = StepContext(config, loss_fn, has_aux, present_of, params, rho, None, None, num_examples)
-    if config.mask is None or plain:  # with ρ = 0 the mask would perturb nothing
-        mask_state, density = state.mask_state, jnp.float32(1.0)
-    else:
-        step, mask_state = _with_refreshed_mask(step, state, batch, key)
-        density = mask_state.density
-    if config.reweight is not None and not plain:
-        direction = perturbation.random_perturbation(reweight_key(key), step.params, rho)
-        step = step._replace(direction=direction)
+    step, mask_state, density = _with_mask_and_direction(step, state, batch, key)
     if config.sharpness_m == 1:
         grads, metrics, aux = group_gradient(step, batch, key)
     else:
