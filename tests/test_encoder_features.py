@@ -31,19 +31,6 @@ needs_sst2 = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def vocab():
-    return HfVocabulary(TOKENIZER_JSON)
-
-
-@pytest.fixture
-def registered():
-    names = []
-    yield names
-    for name in names:
-        seqio.TaskRegistry.remove(name)
-
-
 def _register(registered, name, directory, vocabulary, **kwargs):
     registered.append(name)
     return local.register_tsv_task(name, directory, vocabulary, **kwargs)

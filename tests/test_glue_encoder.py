@@ -19,7 +19,6 @@ from sam_jax import encoder_features  # noqa: E402
 from sam_jax.tasks import glue  # noqa: E402
 from sam_jax.tasks import glue_encoder  # noqa: E402
 from sam_jax.tasks import preprocessing as pp  # noqa: E402
-from sam_jax.tasks.hf_vocabulary import HfVocabulary  # noqa: E402
 
 ALL_CONFIGS = [
     "cola",
@@ -73,19 +72,6 @@ FIELDS = {
     "mrpc": ("sentence1", "sentence2"),
     "stsb": ("sentence1", "sentence2"),
 }
-
-
-@pytest.fixture(scope="module")
-def vocab():
-    return HfVocabulary(minilm.model_dir() / "tokenizer.json")
-
-
-@pytest.fixture
-def registered():
-    """Names registered by a test; removed afterwards (seqio's registries are global)."""
-    names = []
-    yield names
-    pp.remove(names)
 
 
 @contextlib.contextmanager

@@ -16,8 +16,6 @@ seqio = pytest.importorskip("seqio")
 tf = pytest.importorskip("tensorflow")
 
 from sam_jax.tasks import local  # noqa: E402
-from sam_jax.tasks import preprocessing as pp  # noqa: E402
-from sam_jax.tasks.hf_vocabulary import HfVocabulary  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 TOKENIZER_JSON = str(minilm.model_dir() / "tokenizer.json")
@@ -26,19 +24,6 @@ needs_data = pytest.mark.skipif(
     not all((DATA / name / f"{s}.tsv").exists() for name in REAL_SIZES for s in local.SPLITS),
     reason=f"real SST-2/CoLA TSVs not found under {DATA} (<repo>/../shared/data)",
 )
-
-
-@pytest.fixture(scope="module")
-def vocab():
-    return HfVocabulary(TOKENIZER_JSON)
-
-
-@pytest.fixture
-def registered():
-    """Names registered by a test; removed afterwards (seqio's registries are global)."""
-    names = []
-    yield names
-    pp.remove(names)
 
 
 def _register(registered, name, directory, vocabulary, **kwargs):
