@@ -346,12 +346,10 @@ def test_each_gin_file_is_one_include_for_a_finetune_run(gin_config, tmp_path, g
             wrapper = wrapped.scoped_configurable_fn()
             assert isinstance(wrapper, sam_jax.t5x.FisherMaskOptimizer)
             assert isinstance(wrapper.optimizer, adafactor.Adafactor)
-        transformations = gin.query_parameter(
-            "utils.RestoreCheckpointConfig.state_transformation_fns"
-        )
-        assert [t.configurable.wrapped for t in transformations] == [
-            sam_jax.t5x.fill_missing_fisher_mask
-        ]
+        restore = gin.query_parameter("utils.CheckpointConfig.restore")
+        assert restore.configurable.wrapped is sam_jax.t5x.restore_config_with_fisher_mask
+        with pytest.raises(ValueError, match="no .*bound"):  # the list is left to the user
+            gin.query_parameter("utils.RestoreCheckpointConfig.state_transformation_fns")
     else:
         assert isinstance(optimizer_def.scoped_configurable_fn(), adafactor.Adafactor)
 
@@ -882,6 +880,35 @@ def test_a_checkpoint_without_mask_restores_with_a_fresh_mask(
     jax.tree.map(np.testing.assert_array_equal, restored_dict["target"], expected_params)
 
 
+RESTORE_TRANSFORMATION_CALLS = []
+
+
+def record_restore_transformation(state_dict, target_state_dict, *, is_resuming=False):
+    """A user's restore transformation: records (had a Fisher mask, is_resuming)."""
+    del target_state_dict
+    RESTORE_TRANSFORMATION_CALLS.append(("fisher_mask" in state_dict["state"], is_resuming))
+    return state_dict
+
+
+def test_the_wrapped_restore_config_runs_its_transformations_then_fills_the_mask():
+    config = t5x_utils.RestoreCheckpointConfig(
+        path="/checkpoint",
+        assignment_map=[("new/(.*)", r"old/\1")],
+        state_transformation_fns=[record_restore_transformation],
+    )
+    assignment = config.state_transformation_fns[0]
+
+    wrapped = sam_jax.t5x.restore_config_with_fisher_mask(config)
+
+    assert wrapped.state_transformation_fns == (
+        assignment,  # once: __post_init__ is not run again
+        record_restore_transformation,
+        sam_jax.t5x.fill_missing_fisher_mask,
+    )
+    assert config.state_transformation_fns == (assignment, record_restore_transformation)
+    assert (wrapped.path, wrapped.assignment_map) == (config.path, config.assignment_map)
+
+
 # --------------------------------------------------------------------------- #
 # T5X's own training loop: `t5x.train.train` configured by T5X's gin files plus
 # one of ours, fine-tuning from a T5X checkpoint, checkpoints with Orbax.
@@ -898,6 +925,7 @@ from t5x.examples.t5 import network
 
 include 't5x/examples/t5/t5_1_1/tiny.gin'
 include 't5x/configs/runs/finetune.gin'
+{before_gin}
 include 'gin/t5x/{sam_gin}'
 
 MODEL_DIR = '{model_dir}'
@@ -947,9 +975,17 @@ def initial_checkpoint(initialize, partitioner, tmp_path_factory):
 
 
 def run_t5x_train(
-    tmp_path, sam_gin, model_dir, initial_checkpoint, checkpoint_period, extra_gin=""
+    tmp_path,
+    sam_gin,
+    model_dir,
+    initial_checkpoint,
+    checkpoint_period,
+    extra_gin="",
+    before_gin="",
 ):
     """Runs T5X's `train` as its train.py would, with our gin file included last.
+
+    `before_gin` is bound before our include, `extra_gin` after it.
 
     Only the partitioner is passed in (the tests' data × model mesh, compiling
     fast); everything else comes from gin. With no initial checkpoint the run
@@ -973,6 +1009,7 @@ def run_t5x_train(
             checkpoint_period=checkpoint_period,
             save_dataset=initial_checkpoint is None,
             extra_gin=extra_gin,
+            before_gin=before_gin,
         )
     )
     # An absolute path: gin's search paths are global and accumulate across tests.
@@ -1061,6 +1098,38 @@ def test_t5x_train_with_fsam_resumes_exactly_from_its_orbax_checkpoint(gin_confi
     assert max(resumed_summaries) == 2
     for name in SAM_METRICS + ("loss",):
         assert resumed_summaries[2][name] == first_summaries[2][name], name
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_t5x_train_with_fsam_from_a_checkpoint_without_mask_keeps_the_users_transformations(
+    gin_config, tmp_path, initial_checkpoint, where
+):
+    checkpoint_path, _ = initial_checkpoint
+    functions = [f"@{__name__}.record_restore_transformation"]
+    if where == "before":  # with the function fsam.gin appends too, as listed before: runs twice
+        functions.append("@sam_jax.t5x.fill_missing_fisher_mask")
+    user = (
+        f"import {__name__}\n"
+        f"utils.RestoreCheckpointConfig.state_transformation_fns = [{', '.join(functions)}]\n"
+    )
+    estimator = "sam_jax.fisher_mask.fisher = 'squared_batch_gradient'\n"
+    if where == "before":
+        gin_text = {"before_gin": user, "extra_gin": estimator}
+    else:
+        gin_text = {"extra_gin": estimator + user}
+    RESTORE_TRANSFORMATION_CALLS.clear()
+
+    step, state = run_t5x_train(
+        tmp_path, "fsam.gin", str(tmp_path / "model"), checkpoint_path, 2, **gin_text
+    )
+
+    # The user's transformation ran on the pre-trained checkpoint, before the mask was filled.
+    assert RESTORE_TRANSFORMATION_CALLS == [(False, False)]
+    trained = host(state.state_dict())
+    masks = jax.tree.leaves(trained["state"]["fisher_mask"]["mask"])
+    total = sum(m.size for m in masks)
+    assert step == 2 and trained["state"]["fisher_step"] == 2  # restored at 0: refreshed
+    assert sum(int(m.sum()) for m in masks) == round(0.1 * total)
 
 
 # --------------------------------------------------------------------------- #

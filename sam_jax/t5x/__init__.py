@@ -24,6 +24,7 @@ except ImportError as error:
 from sam_jax.t5x.optimizer import FisherMaskOptimizer
 from sam_jax.t5x.optimizer import FisherMaskOptimizerState
 from sam_jax.t5x.optimizer import fill_missing_fisher_mask
+from sam_jax.t5x.optimizer import restore_config_with_fisher_mask
 from sam_jax.t5x.per_example import example_losses
 from sam_jax.t5x.trainer import SamTrainer
 
@@ -33,4 +34,5 @@ __all__ = [
     "SamTrainer",
     "example_losses",
     "fill_missing_fisher_mask",
+    "restore_config_with_fisher_mask",
 ]

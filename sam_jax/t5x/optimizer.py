@@ -9,11 +9,14 @@ lives in the state of an `OptimizerDef` that wraps the run's optimizer (T5X's
 it. `SamTrainer` reads the mask from there and writes the refreshed one back.
 
 The wrapped optimizer's state is untouched, so a checkpoint without the mask
-(a pre-trained one) restores with `fill_missing_fisher_mask` among the restore
-config's `state_transformation_fns`: the mask starts all-True and is refreshed
-on the first SAM step.
+(a pre-trained one) restores once `fill_missing_fisher_mask` is among the
+restore config's `state_transformation_fns`: the mask starts all-True and is
+refreshed on the first SAM step. T5X fails on the missing entries before it
+reaches `restore_state`, so the filling has to be a transformation;
+`restore_config_with_fisher_mask` appends it to the run's restore config.
 """
 
+import copy
 from typing import Any
 
 import flax.struct
@@ -22,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 from t5x import optimizers
+from t5x import utils
 
 from sam_jax import fisher
 
@@ -165,9 +169,9 @@ def fill_missing_fisher_mask(state_dict, target_state_dict, *, is_resuming: bool
     no Fisher mask; T5X would fail on the missing entries. This fills them in
     as `FisherMaskOptimizer.init_state` does (all-True, `fisher_step` 0, so the
     mask is computed on the first step) and leaves checkpoints that have a
-    mask untouched.
-
-    Example (gin)::
+    mask untouched, so running it twice is harmless. `gin/t5x/fsam.gin` adds
+    it to the run's restore config with `restore_config_with_fisher_mask`;
+    it may also be listed explicitly (gin)::
 
       utils.RestoreCheckpointConfig.state_transformation_fns = [
           @sam_jax.t5x.fill_missing_fisher_mask,
@@ -189,3 +193,29 @@ def fill_missing_fisher_mask(state_dict, target_state_dict, *, is_resuming: bool
     )
     fresh = {MASK_KEY: {"mask": mask, "density": np.float32(1.0)}, STEP_KEY: np.int32(0)}
     return {**state_dict, "state": {**state_dict["state"], **fresh}}
+
+
+def restore_config_with_fisher_mask(
+    config: utils.RestoreCheckpointConfig,
+) -> utils.RestoreCheckpointConfig:
+    """A copy of a T5X restore config that also runs `fill_missing_fisher_mask`, last.
+
+    The run's own `state_transformation_fns` (and its `assignment_map`) run
+    first, in their order; the mask is filled after them. `gin/t5x/fsam.gin`
+    wraps T5X's restore config with it, so a list the user binds, before or
+    after the include, is kept::
+
+      utils.CheckpointConfig.restore = @sam_jax.t5x.restore_config_with_fisher_mask()
+      sam_jax.t5x.restore_config_with_fisher_mask.config = @utils.RestoreCheckpointConfig()
+
+    Args:
+      config: the run's `utils.RestoreCheckpointConfig`.
+
+    Returns:
+      A shallow copy of `config` whose `state_transformation_fns` end with
+      `fill_missing_fisher_mask` (a copy rather than `dataclasses.replace`,
+      which would prepend the `assignment_map` transformation a second time).
+    """
+    config = copy.copy(config)
+    config.state_transformation_fns = (*config.state_transformation_fns, fill_missing_fisher_mask)
+    return config
