@@ -7,13 +7,24 @@ directory is built in tmp_path from the same parameters with our mapping, which 
 checked independently: against the tensor names and PyTorch shapes of HF's
 `T5ForConditionalGeneration` (T5 v1.1, gated-GELU), and by a plain numpy forward
 pass written from HF's T5 definition that must reproduce T5X's logits.
+
+Sharded loading runs on 8 simulated CPU devices (tests/conftest.py) with a
+(data 4 x model 2) mesh: the reads of each layout are recorded where the library
+meets safetensors, TensorStore and Orbax, to show that each one is one device
+slice of one parameter.
 """
 
+import collections
+import contextlib
+import dataclasses
 import functools
 import json
 import math
 import os
+import re
 import shutil
+import time
+import tracemalloc
 
 import jax
 import numpy as np
@@ -23,8 +34,10 @@ import tensorstore
 from etils import epath
 from flax import linen as nn
 from flax import serialization
+from orbax.checkpoint._src.serialization import serialization as orbax_serialization
 from safetensors.numpy import save_file
 
+from sam_jax import partitioning
 from sam_jax.models import t5
 from sam_jax.models import t5_checkpoints
 
@@ -72,6 +85,23 @@ def logits_of(model, params, outputs):
 @pytest.fixture(scope="module")
 def loaded():
     return t5_checkpoints.from_pretrained(CHECKPOINT)
+
+
+def params_shardings(partitioner):
+    """`from_pretrained(shardings=...)`: the params' shardings of the checkpoint's model."""
+
+    def shardings(config):
+        abstract = jax.eval_shape(functools.partial(t5.init_variables, config), jax.random.key(0))
+        return partitioner.shardings(abstract["params"])
+
+    return shardings
+
+
+@pytest.fixture(scope="module")
+def sharded():
+    """The shardings function of a (data 4 x model 2) mesh with T5's logical axis rules."""
+    assert jax.device_count() == 8  # tests/conftest.py
+    return params_shardings(partitioning.Partitioner(2, t5.DEFAULT_LOGICAL_AXIS_RULES))
 
 
 def assert_one_line_error(excinfo, *fragments):
@@ -172,10 +202,13 @@ def _reshape_t5x(p):
     ],
     ids=["extra", "missing", "shape"],
 )
-def test_t5x_extra_missing_or_misshaped_tensor_is_an_error(loaded, tmp_path, edit, fragments):
+@pytest.mark.parametrize("with_shardings", [False, True], ids=["numpy", "sharded"])
+def test_t5x_extra_missing_or_misshaped_tensor_is_an_error(
+    loaded, tmp_path, edit, fragments, with_shardings, sharded
+):
     path = write_t5x_checkpoint(str(tmp_path / "checkpoint_1"), edited(loaded[1], edit))
     with pytest.raises(ValueError) as excinfo:
-        t5_checkpoints.from_pretrained(path)
+        t5_checkpoints.from_pretrained(path, shardings=sharded if with_shardings else None)
     assert_one_line_error(excinfo, *fragments)
 
 
@@ -263,10 +296,13 @@ def _reshape_legacy(target):
     ],
     ids=["extra", "missing", "shape"],
 )
-def test_legacy_t5x_extra_missing_or_misshaped_tensor_is_an_error(tmp_path, edit, fragments):
+@pytest.mark.parametrize("with_shardings", [False, True], ids=["numpy", "sharded"])
+def test_legacy_t5x_extra_missing_or_misshaped_tensor_is_an_error(
+    tmp_path, edit, fragments, with_shardings, sharded
+):
     directory = edited_legacy(tmp_path, edit)
     with pytest.raises(ValueError) as excinfo:
-        t5_checkpoints.from_pretrained(directory)
+        t5_checkpoints.from_pretrained(directory, shardings=sharded if with_shardings else None)
     assert_one_line_error(excinfo, str(directory), *fragments)
 
 
@@ -495,14 +531,18 @@ def test_hf_directory_loads_and_reproduces_t5x_logits(tmp_path, hf_state, loaded
     np.testing.assert_allclose(logits, t5x_outputs["logits"], rtol=1e-5, atol=1e-5)
 
 
-def test_hf_persisted_embedding_copies_are_checked_and_dropped(tmp_path, hf_state, loaded):
+def test_hf_persisted_embedding_copies_are_checked_and_dropped(
+    tmp_path, hf_state, loaded, monkeypatch
+):
+    monkeypatch.setattr(t5_checkpoints, "_COMPARE_BYTES", 7 * 32 * 4)  # 7-row blocks of 80
     shared = hf_state["shared.weight"]
     state = dict(hf_state, **{"encoder.embed_tokens.weight": shared.copy()})
     state["decoder.embed_tokens.weight"] = shared.copy()
     _, params = t5_checkpoints.from_pretrained(write_hf_dir(tmp_path / "ok", state))
     jax.tree.map(np.testing.assert_array_equal, params, loaded[1])
 
-    state["decoder.embed_tokens.weight"] = shared + 1
+    state["decoder.embed_tokens.weight"] = shared.copy()
+    state["decoder.embed_tokens.weight"][-1, -1] += 1  # in the last, partial block
     with pytest.raises(ValueError) as excinfo:
         t5_checkpoints.from_pretrained(write_hf_dir(tmp_path / "bad", state))
     assert_one_line_error(excinfo, "'decoder.embed_tokens.weight' is not a copy")
@@ -539,11 +579,14 @@ RESHAPED_HF = "encoder.block.0.layer.0.SelfAttention.o.weight"  # [d_model, inne
     ],
     ids=["extra", "missing", "shape"],
 )
-def test_hf_extra_missing_or_misshaped_tensor_is_an_error(tmp_path, hf_state, edit, fragments):
+@pytest.mark.parametrize("with_shardings", [False, True], ids=["numpy", "sharded"])
+def test_hf_extra_missing_or_misshaped_tensor_is_an_error(
+    tmp_path, hf_state, edit, fragments, with_shardings, sharded
+):
     state = {k: v for k, v in {**hf_state, **edit}.items() if v is not None}
     directory = write_hf_dir(tmp_path / "hf", state)
     with pytest.raises(ValueError) as excinfo:
-        t5_checkpoints.from_pretrained(directory)
+        t5_checkpoints.from_pretrained(directory, shardings=sharded if with_shardings else None)
     assert_one_line_error(excinfo, str(directory / "model.safetensors"), *fragments)
 
 
@@ -562,8 +605,241 @@ def test_hf_unsupported_config_is_an_error(tmp_path, hf_state, change, fragment)
     assert_one_line_error(excinfo, str(directory / "config.json"), fragment)
 
 
-def test_t5_from_pretrained_is_the_checkpoint_reader():
+def test_t5_from_pretrained_is_the_checkpoint_reader(loaded, sharded):
     model, params = t5.from_pretrained(CHECKPOINT)
-    expected_model, expected = t5_checkpoints.from_pretrained(CHECKPOINT)
-    assert model.config == expected_model.config
-    jax.tree.map(np.testing.assert_array_equal, params, expected)
+    assert model.config == loaded[0].config
+    jax.tree.map(np.testing.assert_array_equal, params, loaded[1])
+    _, params = t5.from_pretrained(CHECKPOINT, shardings=sharded(CONFIG))  # a tree
+    assert jax.tree.map(lambda a: a.sharding, params) == sharded(CONFIG)
+
+
+# ------------------------------------------------------------------------------------
+# Sharded loading: each parameter read slice by slice straight into its sharding.
+# ------------------------------------------------------------------------------------
+
+
+class SpySafetensors:
+    """A `safe_open` file recording the bytes of each `get_slice(name)[index]` read.
+
+    It has no `get_tensor`: a whole-tensor read fails.
+    """
+
+    def __init__(self, file, reads):
+        self._file, self._reads = file, reads
+
+    def keys(self):
+        return self._file.keys()
+
+    def get_slice(self, name):
+        return SpySlice(self._file.get_slice(name), name, self._reads)
+
+
+class SpySlice:
+    def __init__(self, tensor_slice, name, reads):
+        self._slice, self._name, self._reads = tensor_slice, name, reads
+
+    def get_shape(self):
+        return self._slice.get_shape()
+
+    def __getitem__(self, index):
+        value = self._slice[index]
+        self._reads.append((self._name, value.nbytes))
+        return value
+
+
+class SpyStore:
+    """A TensorStore recording the bytes of each indexed read; it cannot be read whole."""
+
+    def __init__(self, store, name, reads):
+        self._store, self._name, self._reads = store, name, reads
+
+    def result(self):  # ts.open(...) returns a future
+        return SpyStore(self._store.result(), self._name, self._reads)
+
+    def __getitem__(self, index):
+        part = self._store[index]
+        self._reads.append((self._name, math.prod(part.shape) * part.dtype.numpy_dtype.itemsize))
+        return part
+
+
+def stored_name(spec_json):
+    """'target.encoder.layers_0...' (T5X's array name) of a TensorStore spec (JSON text)."""
+    return re.search(r'"path": "[^"]*?((?:target|state)\.[^"/]*)', spec_json).group(1)
+
+
+def spy_reads(layout, monkeypatch, tmp_path, hf_state):
+    """(checkpoint path, reads): each array read appends (parameter path, bytes) to reads."""
+    reads = []
+    if layout == "hf":
+        names = {name: t.path for name, t in t5_checkpoints.hf_tensor_map(CONFIG).items()}
+        real_open = t5_checkpoints.safe_open
+
+        @contextlib.contextmanager
+        def spy_open(path, framework):
+            with real_open(path, framework=framework) as file:
+                yield SpySafetensors(file, reads)
+
+        monkeypatch.setattr(t5_checkpoints, "safe_open", spy_open)
+        path = write_hf_dir(tmp_path / "hf", hf_state)
+    elif layout == "legacy":
+        names = None
+        real_open = tensorstore.open
+
+        def spy_open(spec, *args, **kwargs):
+            name = stored_name(json.dumps(spec))
+            return SpyStore(real_open(spec, *args, **kwargs), name, reads)
+
+        monkeypatch.setattr(tensorstore, "open", spy_open)
+        path = LEGACY_CHECKPOINT
+    else:
+        names = None
+        real_read = orbax_serialization._read_shard
+
+        async def spy_read(t, **kwargs):
+            shard = await real_read(t, **kwargs)
+            reads.append((stored_name(json.dumps(t.spec().to_json())), shard.nbytes))
+            return shard
+
+        monkeypatch.setattr(orbax_serialization, "_read_shard", spy_read)
+        path = CHECKPOINT
+    return path, reads, names
+
+
+def distinct_slices(array):
+    indices = array.sharding.devices_indices_map(array.shape).values()
+    return {tuple((s.start, s.stop) for s in index) for index in indices}
+
+
+@pytest.mark.parametrize("layout", ["t5x", "legacy", "hf"])
+def test_sharded_load_reads_one_slice_per_shard_into_the_shardings(
+    layout, loaded, hf_state, sharded, tmp_path, monkeypatch
+):
+    path, reads, names = spy_reads(layout, monkeypatch, tmp_path, hf_state)
+    start = time.perf_counter()
+    model, params = t5_checkpoints.from_pretrained(path, shardings=sharded)
+    seconds = time.perf_counter() - start
+    assert model.config == CONFIG
+    by_path = collections.defaultdict(list)
+    for name, nbytes in reads:  # no optimizer state: only 'target.' arrays (or HF names)
+        by_path[names[name] if names else tuple(name.split(".")[1:])].append(nbytes)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    assert set(by_path) == {tuple(k.key for k in p) for p, _ in leaves}
+    model_sharded = 0
+    for (p, array), want, sharding in zip(
+        leaves, jax.tree.leaves(loaded[1]), jax.tree.leaves(sharded(CONFIG)), strict=True
+    ):
+        assert isinstance(array, jax.Array) and array.sharding == sharding
+        np.testing.assert_array_equal(np.asarray(array).view(np.uint32), want.view(np.uint32))
+        shard_bytes = math.prod(sharding.shard_shape(array.shape)) * 4
+        # One read per distinct device slice (replicas share it), each of one shard.
+        assert by_path[tuple(k.key for k in p)] == [shard_bytes] * len(distinct_slices(array))
+        if not sharding.is_fully_replicated:
+            assert shard_bytes == array.nbytes // 2
+            model_sharded += 1
+    assert model_sharded == 33  # all but the 10 layer norms (of 43)
+    print(f"{layout}: {len(reads)} reads, {sum(n for _, n in reads)} bytes, {seconds:.2f} s")
+
+
+def random_hf_dir(directory, config, seed=0):
+    """An HF directory of random float32 parameters of `config`; returns the params."""
+    rng = np.random.default_rng(seed)
+    params = {}
+    for path, shape in t5_checkpoints.abstract_params(config).items():
+        t5_checkpoints.tensor_matching.set_path(
+            params, path, rng.standard_normal(shape, np.float32)
+        )
+    state = t5_checkpoints.to_hf_state_dict(config, params)
+    write_hf_dir(directory, state, t5_checkpoints.to_hf_config(config))
+    return params
+
+
+def test_sharded_hf_load_allocates_at_most_one_shard_per_read(tmp_path, sharded, monkeypatch):
+    """tracemalloc (numpy and safetensors allocate through it) around every read."""
+    config = dataclasses.replace(
+        CONFIG, vocab_size=1024, emb_dim=128, head_dim=32, mlp_dim=512, num_decoder_layers=1
+    )
+    expected = random_hf_dir(tmp_path / "hf", config)
+    measured = []
+    make_array = jax.make_array_from_callback
+
+    def measuring(shape, sharding, read):
+        def measured_read(index):
+            tracemalloc.reset_peak()
+            before = tracemalloc.get_traced_memory()[0]
+            value = read(index)
+            peak = tracemalloc.get_traced_memory()[1] - before
+            measured.append((math.prod(shape) * 4, value.nbytes, peak))
+            return value
+
+        return make_array(shape, sharding, measured_read)
+
+    monkeypatch.setattr(jax, "make_array_from_callback", measuring)
+    tracemalloc.start()
+    try:
+        _, params = t5_checkpoints.from_pretrained(tmp_path / "hf", shardings=sharded)
+    finally:
+        tracemalloc.stop()
+    jax.tree.map(
+        lambda got, want: np.testing.assert_array_equal(np.asarray(got), want), params, expected
+    )
+    # One call per device (one for a replicated parameter); replicas hit the first read.
+    calls = [1 if a.sharding.is_fully_replicated else 8 for a in jax.tree.leaves(params)]
+    assert len(measured) == sum(calls)
+    slack = 4096  # Python objects of the call
+    assert all(peak <= shard + slack for _, shard, peak in measured)
+    halves = [(full, peak) for full, shard, peak in measured if shard < full]
+    assert halves and all(peak < full // 2 + slack for full, peak in halves)
+    largest = max(peak for *_, peak in measured)
+    print(f"largest read allocation {largest} B; largest tensor {max(measured)[0]} B")
+
+
+def test_shardings_of_another_model_or_a_rejecting_function_fail_before_any_read(
+    sharded, monkeypatch
+):
+    restores = []
+    monkeypatch.setattr(ocp.PyTreeCheckpointHandler, "restore", lambda *a, **k: restores.append(a))
+    other = sharded(dataclasses.replace(CONFIG, num_decoder_layers=1))
+    with pytest.raises(ValueError) as excinfo:
+        t5_checkpoints.from_pretrained(CHECKPOINT, shardings=other)
+    assert_one_line_error(
+        excinfo, CHECKPOINT, "shardings are not those", "extra []", "missing ['decoder/layers_1/"
+    )
+
+    def reject(config):
+        raise ValueError(f"another model: num_decoder_layers={config.num_decoder_layers}")
+
+    with pytest.raises(ValueError, match="num_decoder_layers=2"):
+        t5_checkpoints.from_pretrained(CHECKPOINT, shardings=reject)
+    assert not restores
+
+
+def test_shardings_function_returning_none_loads_numpy(loaded):
+    seen = []
+    _, params = t5_checkpoints.from_pretrained(CHECKPOINT, shardings=lambda c: seen.append(c))
+    assert seen == [CONFIG]
+    jax.tree.map(np.testing.assert_array_equal, params, loaded[1])
+    assert all(isinstance(leaf, np.ndarray) for leaf in jax.tree.leaves(params))
+
+
+def test_t5_1_1_xl_params_fit_a_2x4_mesh_a_quarter_per_device():
+    """Shapes and shardings only (no compile, nothing allocated)."""
+    config = t5.t5_1_1_config("xl")
+    partitioner = partitioning.Partitioner(4, t5.DEFAULT_LOGICAL_AXIS_RULES)
+    abstract = jax.eval_shape(functools.partial(t5.init_variables, config), jax.random.key(0))
+    shapes = [leaf.shape for leaf in jax.tree.leaves(nn.meta.unbox(abstract["params"]))]
+    shardings = jax.tree.leaves(partitioner.shardings(abstract["params"]))
+    full = [math.prod(shape) * 4 for shape in shapes]
+    shard = [
+        math.prod(s.shard_shape(shape)) * 4 for s, shape in zip(shardings, shapes, strict=True)
+    ]
+    replicated = sum(f for f, s in zip(full, shard) if f == s)
+    total, per_device = sum(full), sum(shard)
+    mb = [f"{n / 1e6:.1f} MB" for n in (per_device, max(shard), max(full), replicated)]
+    print(
+        f"XL {total / 1e9:.2f} GB: per device {mb[0]}, largest shard {mb[1]} of {mb[2]}, "
+        f"replicated {mb[3]}"
+    )
+    assert 11e9 < total < 12e9  # 2.85 B float32 parameters
+    assert per_device == (total - replicated) // 4 + replicated
+    assert replicated < total / 1000  # layer norms and position biases
+    assert max(shard) == max(full) // 4

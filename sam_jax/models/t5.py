@@ -869,17 +869,22 @@ def count_params(config: T5Config) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
 
 
-def from_pretrained(path: str, **config_overrides) -> tuple["Transformer", dict]:
+def from_pretrained(
+    path: str, *, shardings: Any = None, **config_overrides
+) -> tuple["Transformer", dict]:
     """(model, float32 params) of a T5X checkpoint or a Hugging Face T5 directory.
 
     See `sam_jax.models.t5_checkpoints.from_pretrained` (imported here on use, so
-    that importing this module does not import Orbax).
+    that importing this module does not import Orbax). With `shardings` (a tree of
+    `jax.sharding.Sharding`, or a function of the checkpoint's `T5Config` returning
+    one) the params are `jax.Array`s read slice by slice into those shardings.
 
     Example::
 
       model, params = t5.from_pretrained("gs://t5-data/pretrained_models/t5x/"
                                          "t5_1_1_small/checkpoint_1000000")
+      model, params = t5.from_pretrained(path, shardings=lambda config: param_shardings)
     """
     from sam_jax.models import t5_checkpoints  # noqa: PLC0415
 
-    return t5_checkpoints.from_pretrained(path, **config_overrides)
+    return t5_checkpoints.from_pretrained(path, shardings=shardings, **config_overrides)
