@@ -347,7 +347,7 @@ def benchmark(
     optimizer = getattr(arguments["optimizer"], "__name__", repr(arguments["optimizer"]))
     print(
         f"T5.1.1 {size}: {num_params / 1e6:.2f} M parameters, {optimizer} "
-        f"lr={arguments['learning_rate']}, activations {arguments['model'].dtype}; batch "
+        f"lr={arguments['learning_rate']}, activations {arguments['model'].config.dtype}; batch "
         f"{batch_size} × ({lengths['inputs']} input + {lengths['targets']} target) tokens; "
         f"{jax.device_count()} {jax.default_backend()} device(s); jax {jax.__version__}; "
         f"plain: {built['plain'].flops / 1e9:.2f} GFLOP/step, "

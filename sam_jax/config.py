@@ -17,7 +17,11 @@ from absl import app
 
 import sam_jax
 from sam_jax import trainer as trainer_lib
+from sam_jax.errors import ConfigError
+from sam_jax.errors import one_line
 from sam_jax.models import t5
+from sam_jax.models import task_models
+from sam_jax.tasks import local
 
 
 def find_gin_dir(package_dir: str) -> str:
@@ -47,34 +51,6 @@ GIN_DIR = find_gin_dir(os.path.dirname(os.path.abspath(__file__)))
 # that 'gin/runs/finetune.gin' works from any directory) and the cwd.
 DEFAULT_GIN_SEARCH_PATHS = (GIN_DIR, os.path.dirname(GIN_DIR), ".")
 
-# What gin files may reference (T5X names: `@optax.adafactor`, `@sam_jax.sam`, ...).
-for _fn, _module in (
-    (optax.adafactor, "optax"),
-    (optax.adamw, "optax"),
-    (optax.constant_schedule, "optax"),
-    (trainer_lib.rsqrt_schedule, "sam_jax.trainer"),
-    (sam_jax.sam, "sam_jax"),
-    (sam_jax.per_instance_sam, "sam_jax"),
-    (sam_jax.delta_sam, "sam_jax"),
-    (sam_jax.delta_sam_draft, "sam_jax"),
-    (sam_jax.fisher_mask, "sam_jax"),
-    (t5.t5_1_1_config, "sam_jax.models.t5"),
-):
-    gin.external_configurable(_fn, module=_module)
-
-
-class ConfigError(ValueError):
-    """Invalid input to a run (flags, gin files, names, sizes): reported in one line.
-
-    Attributes:
-      message: the one-line message (when the error passes through the gin
-        configurable `train`, gin appends lines naming it to `str(error)`).
-    """
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
 
 def check(condition: bool, message: str) -> None:
     """Raises `ConfigError(message)` unless `condition`."""
@@ -95,9 +71,23 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
     return rewritten
 
 
-def one_line(error: BaseException) -> str:
-    """The error's message on one line."""
-    return " ".join(str(error).split())
+# What gin files may reference (T5X names: `@optax.adafactor`, `@sam_jax.sam`, ...).
+for _fn, _module in (
+    (optax.adafactor, "optax"),
+    (optax.adamw, "optax"),
+    (optax.constant_schedule, "optax"),
+    (trainer_lib.rsqrt_schedule, "sam_jax.trainer"),
+    (sam_jax.sam, "sam_jax"),
+    (sam_jax.per_instance_sam, "sam_jax"),
+    (sam_jax.delta_sam, "sam_jax"),
+    (sam_jax.delta_sam_draft, "sam_jax"),
+    (sam_jax.fisher_mask, "sam_jax"),
+    (t5.t5_1_1_config, "sam_jax.models.t5"),
+    (task_models.encoder_decoder, "sam_jax.models.task_models"),
+    (task_models.encoder_classifier, "sam_jax.models.task_models"),
+    (local.tsv_task, "sam_jax.tasks.local"),
+):
+    gin.external_configurable(_fn, module=_module)
 
 
 def _resolve_gin_path(path: str, search_paths: Sequence[str]) -> str | None:

@@ -1,10 +1,12 @@
 """The seqio input pipeline: deterministic, resumable training batches and eval sets.
 
 Training reads a seqio Task or Mixture shuffled with a fixed seed and repeated
-forever, converts it with T5X's `EncDecFeatureConverter` (optionally packing
-several examples per row) and batches it per process. The order of the batches
-depends only on the seed and the input shard, so a run resumed at step k skips k
-batches and continues exactly as the uninterrupted run::
+forever, converts it with the model's feature converter (T5X's
+`EncDecFeatureConverter`, optionally packing several examples per row, or
+`sam_jax.encoder_features.EncoderFeatureConverter`) and batches it per process.
+The order of the batches depends only on the seed and the input shard, so a run
+resumed at step k skips k batches and continues exactly as the uninterrupted
+run::
 
   batches = train_batches(
       "demo_mixture",
@@ -16,8 +18,9 @@ batches and continues exactly as the uninterrupted run::
   batch = next(batches)  # {"encoder_input_tokens": int32 [32, 64], ...}
 
 Evaluation reads every sub-task of a mixture that has metrics, unshuffled, into
-padded batches with an `example_mask`, along with the postprocessed targets
-that seqio metric functions take.
+padded batches with an `example_mask`, along with the targets that seqio metric
+functions take: the postprocessed `targets` text of a text-to-text task, or the
+`label` of a classification or regression task.
 
 Tasks and mixtures must be registered first (`import sam_jax.tasks` for this project's).
 """
@@ -49,6 +52,8 @@ PACKING_FEATURES = (
 )
 # In eval batches: 1 for a real example, 0 for a row that pads the last batch.
 EXAMPLE_MASK = "example_mask"
+# The label of a classification or regression task (sam_jax.tasks.local).
+LABEL = "label"
 
 _MAX_NAMES_LISTED = 40
 
@@ -91,7 +96,7 @@ def train_batches(
     sequence_length: Mapping[str, int],
     global_batch_size: int,
     seed: int,
-    pack: bool = False,
+    feature_converter: seqio.FeatureConverter | None = None,
     start_step: int = 0,
     split: str = "train",
     shard_id: int | None = None,
@@ -105,7 +110,8 @@ def train_batches(
         truncated, shorter ones padded (or packed).
       global_batch_size: examples per step over all processes.
       seed: drives the shuffle of every task and the mixture's sampling.
-      pack: pack several examples per row (adds `PACKING_FEATURES`).
+      feature_converter: the model's; default `seqio.EncDecFeatureConverter(pack=False)`
+        (with `pack=True` it adds `PACKING_FEATURES`).
       start_step: skip this many batches (resuming at step `start_step`).
       split: the split to read.
       shard_id: this process's input shard; default `jax.process_index()`
@@ -113,8 +119,8 @@ def train_batches(
       num_shards: the number of input shards; default `jax.process_count()`.
 
     Returns:
-      An iterator of {feature: np.ndarray [global_batch_size / num_shards, length]}
-      (int32), feature names `ENC_DEC_FEATURES` (+ `PACKING_FEATURES`).
+      An iterator of {feature: np.ndarray [global_batch_size / num_shards, ...]},
+      the converter's model features (`ENC_DEC_FEATURES` by default).
 
     Raises:
       ValueError: for an unknown name or a batch size not divisible by `num_shards`.
@@ -136,7 +142,8 @@ def train_batches(
         shard_info=seqio.ShardInfo(index=shard_id, num_shards=num_shards),
         num_epochs=None,
     )
-    ds = seqio.EncDecFeatureConverter(pack=pack)(ds, dict(sequence_length))
+    feature_converter = feature_converter or seqio.EncDecFeatureConverter(pack=False)
+    ds = feature_converter(ds, dict(sequence_length))
     ds = ds.batch(global_batch_size // num_shards, drop_remainder=True)
     ds = _deterministic(ds.skip(start_step))
     return ds.as_numpy_iterator()
@@ -147,13 +154,15 @@ class EvalTask(NamedTuple):
 
     Attributes:
       name: the task's name.
-      batches: {feature: np.ndarray [batch_size, length]} dicts with the
-        `ENC_DEC_FEATURES` and `EXAMPLE_MASK` (int32 [batch_size], 0 on the rows
+      batches: {feature: np.ndarray [batch_size, ...]} dicts with the feature
+        converter's features and `EXAMPLE_MASK` (int32 [batch_size], 0 on the rows
         that pad the last batch); every process holds all of them.
-      targets: the postprocessed target of each real example, in order (what
-        `task.metric_fns` take as targets).
+      targets: the target of each real example, in order (what
+        `task.metric_fns` take as targets): its postprocessed `targets` text, or
+        its `label` (a class index or a float).
       task: the `seqio.Task` (its `postprocess_fn` and `metric_fns`).
-      inputs_text: the input text of each real example, in order.
+      inputs_text: the input text of each real example, in order (the texts of
+        a sentence pair joined by a tab).
     """
 
     name: str
@@ -168,6 +177,21 @@ def _text(example: Mapping[str, Any], feature: str, task: seqio.Task) -> str:
     if f"{feature}_pretokenized" in example:
         return tf.compat.as_text(example[f"{feature}_pretokenized"])
     return task.output_features[feature].vocabulary.decode(example[feature].tolist())
+
+
+def _metric_target(example: Mapping[str, Any], task: seqio.Task) -> Any:
+    """What metric functions take as an example's target: postprocessed text, or the label."""
+    if "targets" in task.output_features:
+        text = _text(example, "targets", task)
+        return task.postprocess_fn(text, example=example, is_target=True)
+    return example[LABEL].item()
+
+
+def _inputs_text(example: Mapping[str, Any], task: seqio.Task) -> Any:
+    """The input text(s) of an example: 'inputs', or the text features in order."""
+    names = [n for n, f in task.output_features.items() if f.rank == 1 and n != "targets"]
+    texts = [_text(example, name, task) for name in names]
+    return texts[0] if len(texts) == 1 else "\t".join(texts)
 
 
 def _padded_batches(features: list[dict[str, np.ndarray]], batch_size: int) -> list[dict]:
@@ -189,6 +213,7 @@ def _eval_task(
     batch_size: int,
     split: str,
     max_examples: int | None,
+    feature_converter: seqio.FeatureConverter,
 ) -> EvalTask:
     ds = task.get_dataset(
         sequence_length=dict(sequence_length),
@@ -201,19 +226,13 @@ def _eval_task(
         ds = ds.take(max_examples)
     ds = _deterministic(ds)
     examples = list(ds.as_numpy_iterator())
-    features = list(
-        seqio.EncDecFeatureConverter(pack=False)(ds, dict(sequence_length)).as_numpy_iterator()
-    )
-    targets = [
-        task.postprocess_fn(_text(ex, "targets", task), example=ex, is_target=True)
-        for ex in examples
-    ]
+    features = list(feature_converter(ds, dict(sequence_length)).as_numpy_iterator())
     return EvalTask(
         name=task.name,
         batches=_padded_batches(features, batch_size),
-        targets=targets,
+        targets=[_metric_target(ex, task) for ex in examples],
         task=task,
-        inputs_text=[_text(ex, "inputs", task) for ex in examples],
+        inputs_text=[_inputs_text(ex, task) for ex in examples],
     )
 
 
@@ -224,11 +243,13 @@ def eval_tasks(
     batch_size: int,
     split: str = "validation",
     max_examples: int | None = None,
+    feature_converter: seqio.FeatureConverter | None = None,
 ) -> list[EvalTask]:
     """The evaluation sets of a task, or of every task of a mixture.
 
     Only tasks with `metric_fns` and the split are included; each is read
-    unshuffled, once, and converted with `EncDecFeatureConverter(pack=False)`.
+    unshuffled, once, and converted with `feature_converter` (which must not
+    pack; default `EncDecFeatureConverter(pack=False)`).
 
     Args:
       mixture_or_task_name: a registered seqio Task or Mixture.
@@ -236,6 +257,7 @@ def eval_tasks(
       batch_size: examples per batch (the last batch is padded).
       split: the split to read.
       max_examples: read at most this many examples per task.
+      feature_converter: the model's feature converter, without packing.
 
     Returns:
       One `EvalTask` per task, sorted by name.
@@ -252,7 +274,12 @@ def eval_tasks(
         raise ValueError(
             f"No task of {mixture_or_task_name!r} has metric_fns and a {split!r} split."
         )
+    feature_converter = feature_converter or seqio.EncDecFeatureConverter(pack=False)
+    if feature_converter.pack:
+        raise ValueError(
+            "Evaluation reads one example per row: pass an unpacked feature converter."
+        )
     return [
-        _eval_task(task, sequence_length, batch_size, split, max_examples)
+        _eval_task(task, sequence_length, batch_size, split, max_examples, feature_converter)
         for task in sorted(evaluated, key=lambda t: t.name)
     ]

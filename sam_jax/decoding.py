@@ -8,8 +8,7 @@ so the whole target length is decoded at a fixed shape inside one
 
 Example::
 
-  decode = make_greedy_decoder(model, partitioner, param_shardings, target_length=16)
-  tokens = decode(params, partitioner.global_batch({"encoder_input_tokens": inputs}))
+  tokens = jax.jit(greedy_decode, static_argnums=(0, 3))(model, params, inputs, 16)
   texts = [vocabulary.decode(row.tolist()) for row in strip_after_eos(tokens)]
 """
 
@@ -88,48 +87,6 @@ def greedy_decode(
     )
     _, outputs, _ = jax.lax.while_loop(not_done, body, start)
     return outputs
-
-
-def make_greedy_decoder(
-    model: t5.Transformer,
-    partitioner,
-    param_shardings,
-    target_length: int,
-    *,
-    eos_id: int = EOS_ID,
-    num_valid_ids: int | None = None,
-):
-    """`greedy_decode` compiled for the partitioner's mesh.
-
-    Args:
-      model: the `t5.Transformer`.
-      partitioner: a `sam_jax.partitioning.Partitioner`.
-      param_shardings: the parameters' shardings (`Partitioner.shardings`).
-      target_length: tokens to decode.
-      eos_id: end-of-sequence id.
-      num_valid_ids: see `greedy_decode`.
-
-    Returns:
-      `decode(params, batch) -> tokens [batch, target_length]`, where `batch` is a
-      dict with `encoder_input_tokens` (other features are ignored), sharded over
-      the data axis like the output.
-    """
-
-    def decode(params, batch):
-        return greedy_decode(
-            model,
-            params,
-            batch["encoder_input_tokens"],
-            target_length,
-            eos_id=eos_id,
-            num_valid_ids=num_valid_ids,
-        )
-
-    return partitioner.partition(
-        decode,
-        in_shardings=(param_shardings, partitioner.data_sharding()),
-        out_shardings=partitioner.data_sharding(),
-    )
 
 
 def strip_after_eos(tokens: np.ndarray, eos_id: int = EOS_ID) -> list[Sequence[int]]:

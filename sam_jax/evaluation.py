@@ -1,47 +1,61 @@
-"""Evaluation of a T5 model on seqio tasks: eval loss and seqio metrics of greedy predictions."""
+"""Evaluation of a task model on seqio tasks: eval loss and seqio metrics of its predictions."""
 
 from collections.abc import Callable
 from collections.abc import Sequence
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from sam_jax import data
-from sam_jax import decoding
 from sam_jax import partitioning
+from sam_jax.models import task_models
 
 
 def evaluate(
     eval_tasks: Sequence[data.EvalTask],
     params,
     *,
+    model: task_models.TaskModel,
     partitioner: partitioning.Partitioner,
     eval_step: Callable,
-    decode: Callable,
+    predict: Callable,
 ) -> dict[str, float]:
-    """Eval loss and seqio metrics of every task on its greedy predictions.
+    """Eval loss and seqio metrics of every task on the model's predictions.
+
+    Args:
+      eval_tasks: the evaluation sets (`data.eval_tasks`).
+      params: the parameters, sharded as `eval_step` and `predict` take them.
+      model: the task model (its features, and how its outputs become predictions).
+      partitioner: the mesh (each process feeds its rows of every batch).
+      eval_step: `Trainer.eval_step`, partitioned.
+      predict: `model.predict` at the run's sequence lengths, partitioned:
+        `predict(params, global_batch) -> outputs`, one row per example.
 
     Returns:
       {'<task>/<metric>': value, '<task>/loss': mean per-example loss}.
     """
     results = {}
     indices = partitioner.data_layout.local_indices
+    features = (*model.features, data.EXAMPLE_MASK)
     for task in eval_tasks:
-        vocabulary = task.task.output_features["targets"].vocabulary
         loss_sum = examples = 0.0
-        predicted_ids = []
+        outputs = []
         for batch in task.batches:
-            local = {name: batch[name][indices(len(batch[name]))] for name in data.ENC_DEC_FEATURES}
+            local = {
+                name: value[indices(len(value))]
+                for name, value in batch.items()
+                if name in features
+            }
             global_batch = partitioner.global_batch(local)
             sums = jax.device_get(eval_step(params, global_batch))
             loss_sum += float(sums["loss_sum"])
             examples += float(sums["examples"])
-            tokens = multihost_utils.process_allgather(decode(params, global_batch), tiled=True)
-            predicted_ids.extend(decoding.strip_after_eos(tokens))
-        predictions = [
-            task.task.postprocess_fn(vocabulary.decode(ids), example=None, is_target=False)
-            for ids in predicted_ids[: len(task.targets)]
-        ]
+            outputs.append(
+                multihost_utils.process_allgather(predict(params, global_batch), tiled=True)
+            )
+        real = np.concatenate(outputs)[: len(task.targets)]
+        predictions = model.metric_predictions(real, task.task)
         for metric_fn in task.task.predict_metric_fns:
             for name, value in metric_fn(task.targets, predictions).items():
                 results[f"{task.name}/{name}"] = float(value)

@@ -1,11 +1,18 @@
-r"""Fine-tunes a T5.1.1 model on a seqio task or mixture, configured with gin (T5X conventions).
+r"""Fine-tunes a T5.1.1 model or a BERT-family encoder on a seqio task or mixture, with gin.
 
   python -m sam_jax.train --gin_file=gin/runs/finetune.gin \
       --gin_file=gin/models/t5_1_1/tiny.gin --gin_file=gin/sam/delta_sam.gin \
       --gin.MIXTURE_OR_TASK_NAME="'demo_mixture'" --gin.MODEL_DIR="'/tmp/run1'" \
       --gin.TRAIN_STEPS=300
 
-(or the console script `sam_jax_train` with the same flags). Flags:
+(or the console script `sam_jax_train` with the same flags). A BERT-family encoder
+fine-tunes from a Hugging Face directory on a local TSV task the same way:
+
+  python -m sam_jax.train --gin_file=gin/runs/finetune_encoder.gin \
+      --gin_file=gin/sam/sam.gin --gin.INITIAL_CHECKPOINT_PATH="'/path/to/all-MiniLM-L6-v2'" \
+      --gin.TASK_DIR="'/path/to/sst2'" --gin.MODEL_DIR="'/tmp/minilm'" --gin.TRAIN_STEPS=200
+
+Flags:
 
   --gin_file          gin files, parsed in order (searched in --gin_search_paths).
   --gin_bindings      extra bindings, e.g. --gin_bindings="RHO = 0.15"; T5X's
@@ -26,7 +33,6 @@ checkpoint; SIGTERM or SIGINT saves a checkpoint and stops. Invalid input stops
 with a one-line error before anything is written.
 """
 
-import dataclasses
 import importlib
 import logging as std_logging
 import os
@@ -43,7 +49,6 @@ from typing import NamedTuple
 
 import gin
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app
@@ -54,12 +59,12 @@ from jax.experimental import multihost_utils
 from sam_jax import checkpoints
 from sam_jax import config
 from sam_jax import data
-from sam_jax import decoding
 from sam_jax import evaluation
 from sam_jax import partitioning
 from sam_jax import summaries
 from sam_jax import trainer as trainer_lib
 from sam_jax.models import t5
+from sam_jax.models import task_models
 
 CONFIG_FILE = "config.gin"
 CHECKPOINTS_SUBDIR = "checkpoints"
@@ -208,58 +213,31 @@ def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
 # --------------------------------------------------------------------------- #
 
 
-# The T5Config fields a checkpoint fixes (the others are the run's choice).
-CHECKPOINT_SHAPE_FIELDS = (
-    "vocab_size",
-    "emb_dim",
-    "num_heads",
-    "num_encoder_layers",
-    "num_decoder_layers",
-    "head_dim",
-    "mlp_dim",
-    "logits_via_embedding",
-    "relative_attention_num_buckets",
-)
-
-
-def pretrained_state(setup: "TrainSetup", path: str):
-    """The step-0 `TrainState` of a pre-trained T5 (INITIAL_CHECKPOINT_PATH), on the mesh.
+def pretrained_state(setup: "TrainSetup", path: str, rng: jax.Array):
+    """The step-0 `TrainState` of a pre-trained model (INITIAL_CHECKPOINT_PATH), on the mesh.
 
     Args:
-      setup: the run's `TrainSetup` (its model config must match the checkpoint's shapes).
-      path: a T5X checkpoint (`.../checkpoint_<step>`) or a Hugging Face T5 directory.
+      setup: the run's `TrainSetup` (its model must have the checkpoint's shapes).
+      path: a T5X checkpoint (`.../checkpoint_<step>`), or a Hugging Face T5 or
+        BERT-family directory.
+      rng: initialises what the checkpoint does not have (a classifier's head).
 
     Raises:
-      config.ConfigError: the checkpoint cannot be read, or its shapes are not the model gin
-        file's.
+      config.ConfigError: the checkpoint cannot be read, or is another model.
     """
-    model_config = setup.trainer.model.config
     try:
-        loaded, params = t5.from_pretrained(
-            path,
-            dtype=model_config.dtype,
-            dropout_rate=model_config.dropout_rate,
-            relative_attention_max_distance=model_config.relative_attention_max_distance,
+        params = setup.trainer.model.load_pretrained(
+            path, rng, shardings=setup.state_shardings.params
         )
     except (OSError, ValueError) as error:
         raise config.ConfigError(f"INITIAL_CHECKPOINT_PATH: {config.one_line(error)}") from error
-    mismatched = [
-        f"{name}={getattr(loaded.config, name)} (the model gin file: {getattr(model_config, name)})"
-        for name in CHECKPOINT_SHAPE_FIELDS
-        if getattr(loaded.config, name) != getattr(model_config, name)
-    ]
-    config.check(
-        not mismatched,
-        f"INITIAL_CHECKPOINT_PATH {path} is another model: {', '.join(mismatched)}; use the "
-        "model gin file of its size.",
-    )
     shardings = setup.state_shardings
     start = setup.partitioner.partition(
         setup.trainer.state_from_params,
         in_shardings=(shardings.params,),
         out_shardings=shardings,
     )
-    return start(jax.device_put(params, shardings.params))
+    return start(jax.device_put(params, shardings.params))  # no copy of placed arrays
 
 
 class TrainSetup(NamedTuple):
@@ -274,6 +252,7 @@ class TrainSetup(NamedTuple):
       init_state: `init_state()`, a fresh sharded `TrainState` (partitioned).
       train_step: `train_step(state, global_batch, dropout_key) -> (state, metrics)`,
         partitioned, the state donated; the step the run calls.
+      init_key: initialises the parameters (or a pre-trained classifier's head).
       dropout_key: the run's dropout key (derived from `seed`).
     """
 
@@ -283,12 +262,13 @@ class TrainSetup(NamedTuple):
     abstract_state: Any
     init_state: partitioning.PartitionedFunction
     train_step: partitioning.PartitionedFunction
+    init_key: jax.Array
     dropout_key: jax.Array
 
 
 def setup_training(
     *,
-    model: t5.T5Config,
+    model: task_models.TaskModel,
     optimizer: Callable[..., optax.GradientTransformation],
     learning_rate: trainer_lib.LearningRate,
     sam: trainer_lib.SamFactory | None,
@@ -297,7 +277,6 @@ def setup_training(
     num_partitions: int,
     logical_axis_rules: Sequence[tuple[str, str | None]],
     seed: int,
-    z_loss: float,
 ) -> TrainSetup:
     """The mesh, the trainer and its partitioned init and train steps of a run.
 
@@ -313,7 +292,8 @@ def setup_training(
       )
 
     Args:
-      model: the `T5Config`; `dtype` may be a name such as 'bfloat16'.
+      model: the task model (`task_models.EncoderDecoderModel`, ...), fitted to
+        the task (`for_task`).
       optimizer: an Optax optimizer factory called with `learning_rate=`.
       learning_rate: a float or an Optax schedule.
       sam: a SAM factory, or None for the optimizer alone.
@@ -322,7 +302,6 @@ def setup_training(
       num_partitions: model-parallel degree (mesh (devices / n, n)).
       logical_axis_rules: logical to mesh axis rules.
       seed: parameter initialisation and dropout.
-      z_loss: T5X's auxiliary log(Z)² loss coefficient.
 
     Returns:
       A `TrainSetup`.
@@ -331,7 +310,6 @@ def setup_training(
       ValueError: for a batch size the mesh or `num_microbatches` does not divide,
         a bad `num_partitions`, or arguments the trainer or the SAM factory rejects.
     """
-    model = dataclasses.replace(model, dtype=jnp.dtype(model.dtype))
     partitioner = partitioning.Partitioner(num_partitions, logical_axis_rules)
     partitioner.check_batch_size(batch_size)
     config.check(
@@ -340,13 +318,12 @@ def setup_training(
         f"({num_microbatches}) × the data axis size ({partitioner.data_axis_size}).",
     )
     trainer = trainer_lib.Trainer(
-        t5.Transformer(model),
+        model,
         optimizer,
         learning_rate,
         sam,
         num_microbatches=num_microbatches,
         num_data_shards=partitioner.data_axis_size,
-        z_loss=z_loss,
     )
     state_shardings = partitioner.shardings(trainer.logical_state())
     abstract_state = jax.tree.map(
@@ -371,6 +348,7 @@ def setup_training(
         abstract_state=abstract_state,
         init_state=init_state,
         train_step=train_step,
+        init_key=init_key,
         dropout_key=dropout_key,
     )
 
@@ -383,7 +361,7 @@ def train(
     train_steps: int | None = None,
     batch_size: int = 128,
     sequence_length: Mapping[str, int] | None = None,
-    model: t5.T5Config | None = None,
+    model: task_models.TaskModel | None = None,
     optimizer: Callable[..., optax.GradientTransformation] = optax.adafactor,
     learning_rate: trainer_lib.LearningRate = 1e-3,
     sam: trainer_lib.SamFactory | None = None,
@@ -392,7 +370,6 @@ def train(
     logical_axis_rules: Sequence[tuple[str, str | None]] = t5.DEFAULT_LOGICAL_AXIS_RULES,
     seed: int = 0,
     pack: bool = False,
-    z_loss: float = 1e-4,
     initial_checkpoint_path: str | None = None,
     checkpoint_period: int = 200,
     keep_checkpoints: int = 3,
@@ -404,7 +381,7 @@ def train(
     log_period: int = 10,
     progress_bar: bool = True,
 ) -> TrainResult:
-    """Trains (or, with `eval_only`, evaluates) a T5 model; resumes from MODEL_DIR.
+    """Trains (or, with `eval_only`, evaluates) a task model; resumes from MODEL_DIR.
 
     Every argument is bound by gin (see gin/runs/finetune.gin).
 
@@ -414,9 +391,11 @@ def train(
       train_steps: the step to train to (TRAIN_STEPS).
       batch_size: global examples per step; a multiple of the data axis size
         (times `num_microbatches`).
-      sequence_length: {'inputs': ..., 'targets': ...} (TASK_FEATURE_LENGTHS).
-      model: the `T5Config` (a gin/models file); `dtype` may be a name such as
-        'bfloat16' (activations; parameters are float32).
+      sequence_length: {'inputs': ..., 'targets': ...} (TASK_FEATURE_LENGTHS; an
+        encoder takes {'inputs': ...}, its total length with [CLS] and [SEP]).
+      model: the task model, from a gin/models file: `task_models.EncoderDecoderModel`
+        (T5.1.1) or `task_models.EncoderClassifierModel` (BERT family; its number
+        of labels comes from the task).
       optimizer: an Optax optimizer factory called with `learning_rate=`.
       learning_rate: a float or an Optax schedule.
       sam: a SAM factory (`@sam_jax.sam`, from a gin/sam file), or None.
@@ -424,12 +403,12 @@ def train(
       num_partitions: model-parallel degree (mesh (devices / n, n)).
       logical_axis_rules: logical to mesh axis rules.
       seed: parameter initialisation, dropout and data order.
-      pack: pack training examples (EncDecFeatureConverter(pack=True)).
-      z_loss: T5X's auxiliary log(Z)² loss coefficient.
+      pack: pack training examples (EncDecFeatureConverter(pack=True); T5 only).
       initial_checkpoint_path: a pre-trained model to start from when MODEL_DIR has
         no checkpoint (INITIAL_CHECKPOINT_PATH): a T5X checkpoint directory
-        (`.../checkpoint_<step>`, Orbax or legacy) or a Hugging Face T5 directory
-        (`config.json` + `model.safetensors`). Only its parameters are read; the
+        (`.../checkpoint_<step>`, Orbax or legacy), or a Hugging Face T5 or
+        BERT-family directory (`config.json` + `model.safetensors`). Only its
+        parameters are read (a classifier's head is initialised from `seed`); the
         optimizer starts fresh. None starts from a random initialisation.
       checkpoint_period: save every this many steps (and at evals and the end).
       keep_checkpoints: recent checkpoints to keep (best ones are kept too).
@@ -453,6 +432,7 @@ def train(
     config.check(
         model is not None, "No model: add a model gin file, e.g. gin/models/t5_1_1/tiny.gin."
     )
+    required_lengths = set(model.task_feature_lengths)
     config.check(
         isinstance(train_steps, int) and train_steps >= 0,
         f"TRAIN_STEPS must be an integer ≥ 0, got {train_steps!r}.",
@@ -468,8 +448,9 @@ def train(
             isinstance(value, int) and value >= 1, f"{name} must be an integer ≥ 1, got {value!r}."
         )
     config.check(
-        sequence_length is not None and {"inputs", "targets"} <= set(sequence_length),
-        f"sequence_length must give 'inputs' and 'targets', got {sequence_length!r}.",
+        sequence_length is not None and required_lengths <= set(sequence_length),
+        f"TASK_FEATURE_LENGTHS must give {sorted(required_lengths)} for "
+        f"{type(model).__name__}, got {sequence_length!r}.",
     )
     config.check(
         not initial_checkpoint_path
@@ -479,14 +460,10 @@ def train(
     )
     try:
         mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
+        model = model.for_task(mixture_or_task)
+        feature_converter = model.feature_converter(mixture_or_task, pack)
     except ValueError as error:
         raise config.ConfigError(config.one_line(error)) from error
-    vocabulary = mixture_or_task.output_features["targets"].vocabulary
-    config.check(
-        vocabulary.vocab_size <= model.vocab_size,
-        f"{mixture_or_task_name}'s vocabulary has {vocabulary.vocab_size} ids but the model's "
-        f"vocab_size is {model.vocab_size}: set VOCAB_SIZE ≥ {vocabulary.vocab_size}.",
-    )
     try:
         setup = setup_training(
             model=model,
@@ -498,7 +475,6 @@ def train(
             num_partitions=num_partitions,
             logical_axis_rules=logical_axis_rules,
             seed=seed,
-            z_loss=z_loss,
         )
         setup.partitioner.check_batch_size(eval_batch_size)
         eval_tasks = data.eval_tasks(
@@ -507,11 +483,12 @@ def train(
             batch_size=eval_batch_size,
             split=eval_split,
             max_examples=max_eval_examples,
+            feature_converter=model.feature_converter(mixture_or_task, pack=False),
         )
     except (ValueError, TypeError) as error:
         raise config.ConfigError(config.one_line(error)) from error
     trainer, partitioner, state_shardings = setup.trainer, setup.partitioner, setup.state_shardings
-    logging.info("%s; %s", partitioner, trainer.model.config)
+    logging.info("%s; %s", partitioner, model)
 
     # Compiled functions (besides the train step).
     eval_step = partitioner.partition(
@@ -519,12 +496,10 @@ def train(
         in_shardings=(state_shardings.params, partitioner.data_sharding()),
         out_shardings=partitioner.replicated(),
     )
-    decode = decoding.make_greedy_decoder(
-        trainer.model,
-        partitioner,
-        state_shardings.params,
-        sequence_length["targets"],
-        num_valid_ids=vocabulary.vocab_size,
+    predict = partitioner.partition(
+        lambda params, batch: model.predict(params, batch, sequence_length),
+        in_shardings=(state_shardings.params, partitioner.data_sharding()),
+        out_shardings=partitioner.data_sharding(),
     )
 
     is_chief = jax.process_index() == 0
@@ -542,7 +517,8 @@ def train(
             )
         if start_step is None and initial_checkpoint_path:
             logging.info("Starting from the pre-trained %s.", initial_checkpoint_path)
-            state, start_step = pretrained_state(setup, initial_checkpoint_path), 0
+            state = pretrained_state(setup, initial_checkpoint_path, setup.init_key)
+            start_step = 0
         elif start_step is None:
             state, start_step = setup.init_state(), 0
         else:
@@ -561,9 +537,10 @@ def train(
                 last_eval = evaluation.evaluate(
                     eval_tasks,
                     state.params,
+                    model=model,
                     partitioner=partitioner,
                     eval_step=eval_step,
-                    decode=decode,
+                    predict=predict,
                 )
                 writer.eval(step, last_eval)
                 logging.info("Step %d eval: %s", step, last_eval)
@@ -591,7 +568,7 @@ def train(
                         sequence_length=sequence_length,
                         global_batch_size=batch_size,
                         seed=seed,
-                        pack=pack,
+                        feature_converter=feature_converter,
                         start_step=start_step,
                         shard_id=partitioner.data_layout.shard_id,
                         num_shards=partitioner.data_layout.num_shards,
@@ -604,9 +581,7 @@ def train(
                         state, partitioner.global_batch(local_batch), setup.dropout_key
                     )
                     step += 1
-                    tokens = (
-                        trainer_lib.count_tokens(local_batch) * partitioner.data_layout.num_shards
-                    )
+                    tokens = model.count_tokens(local_batch) * partitioner.data_layout.num_shards
                     writer.train_step(step, metrics, examples=batch_size, tokens=tokens)
                     stopping = stop.stop_requested()
                     evaluating = step % eval_period == 0 or step == final_step

@@ -1,6 +1,7 @@
-"""Training and evaluation steps of a T5 model, as pure functions (T5X style).
+"""Training and evaluation steps of a task model, as pure functions (T5X style).
 
-A `Trainer` binds a model to an optimizer: a plain Optax optimizer (AdamW,
+A `Trainer` binds a task model (`sam_jax.models.task_models`: a T5 encoder-decoder
+or a BERT-family classifier) to an optimizer: a plain Optax optimizer (AdamW,
 Adafactor, …) or one wrapped by a SAM transform (`sam_jax.sam`,
 `sam_jax.per_instance_sam`), which computes its own gradients. Its
 `train_step(state, batch, key)` and `eval_step(params, batch)` are pure
@@ -9,9 +10,9 @@ training loop, data, checkpoints and gin live in `sam_jax.train`.
 
 Example::
 
-  config = t5.t5_1_1_config("tiny", vocab_size=1280)
+  model = task_models.EncoderDecoderModel(t5.t5_1_1_config("tiny", vocab_size=1280))
   trainer = Trainer(
-      t5.Transformer(config),
+      model,
       optimizer=optax.adamw,
       learning_rate=1e-3,
       sam=functools.partial(sam_jax.sam, rho=0.05, ascent_fraction=0.25),
@@ -33,21 +34,14 @@ import optax
 from flax import linen as nn
 
 from sam_jax import batching
+from sam_jax import data
 from sam_jax import loss_update
-from sam_jax.models import t5
+from sam_jax.models import task_models
 
 Batch = Mapping[str, jax.Array]
 LearningRate = float | optax.Schedule
 # A SAM transform factory: `sam(descent_optimizer, **kwargs) -> GradientTransformationExtraArgs`.
 SamFactory = Callable[..., optax.GradientTransformationExtraArgs]
-
-# Features of T5X's EncDecFeatureConverter that the model reads.
-FEATURES = (
-    "encoder_input_tokens",
-    "decoder_input_tokens",
-    "decoder_target_tokens",
-    "decoder_loss_weights",
-)
 
 
 class TrainState(NamedTuple):
@@ -170,36 +164,28 @@ def logical_names_matching_rank(tree):
     return jax.tree.map(fix, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def count_tokens(batch: Mapping[str, Any]) -> int:
-    """Non-padding input and target tokens of a (host) batch."""
-    return int(
-        (batch["encoder_input_tokens"] > 0).sum() + (batch["decoder_target_tokens"] > 0).sum()
-    )
-
-
 class Trainer:
-    """A T5 model and its optimizer: pure init, train and eval steps.
+    """A task model and its optimizer: pure init, train and eval steps.
 
     Attributes:
-      model: the `t5.Transformer`.
+      model: the task model (`task_models.EncoderDecoderModel` or
+        `task_models.EncoderClassifierModel`).
       optimizer: the Optax optimizer (SAM-wrapped or plain).
       learning_rate: the descent learning rate (float or schedule), for logging.
       uses_sam: whether `optimizer` is a SAM transform (computes its own gradients).
       num_microbatches: gradient accumulation steps.
       num_data_shards: shards of the example axis.
-      z_loss: coefficient of T5X's auxiliary log(Z)² loss.
     """
 
     def __init__(
         self,
-        model: t5.Transformer,
+        model: task_models.TaskModel,
         optimizer: Callable[..., optax.GradientTransformation] = optax.adafactor,
         learning_rate: LearningRate = 1e-3,
         sam: SamFactory | None = None,
         *,
         num_microbatches: int = 1,
         num_data_shards: int = 1,
-        z_loss: float = 1e-4,
     ):
         """Builds the optimizer (see `make_optimizer` for the arguments)."""
         if not isinstance(num_microbatches, int) or num_microbatches < 1:
@@ -209,7 +195,6 @@ class Trainer:
         self.uses_sam = sam is not None
         self.num_microbatches = num_microbatches
         self.num_data_shards = num_data_shards
-        self.z_loss = z_loss
         self.optimizer = make_optimizer(
             optimizer,
             learning_rate,
@@ -221,35 +206,12 @@ class Trainer:
     # ---------------------------------------------------------------- model --
 
     def loss_fn(self, params, batch: Batch, key: jax.Array | None) -> jax.Array:
-        """Per-example losses [N]: summed token cross-entropy / target length.
-
-        The normalizer is the (constant) target length, so an example's loss does
-        not depend on the batch it is in and the batch mean is T5X's objective
-        with `loss_normalizing_factor` = batch size × target length. Dropout is
-        on when `key` is given.
-        """
-        targets = batch["decoder_target_tokens"]
-        logits = self.model.apply(
-            {"params": params},
-            batch["encoder_input_tokens"],
-            batch["decoder_input_tokens"],
-            targets,
-            batch.get("encoder_segment_ids"),
-            batch.get("decoder_segment_ids"),
-            enable_dropout=key is not None,
-            rngs=None if key is None else {"dropout": key},
-        )
-        return t5.per_example_cross_entropy(
-            logits,
-            targets,
-            batch["decoder_loss_weights"],
-            example_normalizer=targets.shape[-1],
-            z_loss=self.z_loss,
-        )
+        """Per-example losses [N] of the model (see its `loss`); dropout on when `key` is given."""
+        return self.model.loss(params, batch, key)
 
     def init_params(self, rng: jax.Array):
         """The model's parameters, boxed with their logical axis names."""
-        return t5.init_variables(self.model.config, rng)["params"]
+        return self.model.init_params(rng)
 
     def init_state(self, rng: jax.Array) -> TrainState:
         """A fresh `TrainState` at step 0 (unboxed float32 parameters)."""
@@ -307,7 +269,8 @@ class Trainer:
 
         Args:
           state: the current `TrainState`.
-          batch: EncDecFeatureConverter features, arrays [N, length].
+          batch: the model's features (its feature converter's), arrays [N, ...];
+            other features are ignored.
           key: the run's dropout key; step s uses `fold_in(key, s)`.
 
         Returns:
@@ -316,11 +279,7 @@ class Trainer:
           and `grad_norm` (plain) or every `SamMetrics` field as `sam/<field>`.
         """
         step_key = jax.random.fold_in(key, state.step)
-        batch = {
-            name: value
-            for name, value in batch.items()
-            if name in FEATURES or "segment_ids" in name
-        }
+        batch = {name: value for name, value in batch.items() if name in self.model.features}
         metrics = {"lr": learning_rate_at(self.learning_rate, state.step)}
         if self.uses_sam:
             step = loss_update.update_from_loss(
@@ -341,12 +300,16 @@ class Trainer:
     def eval_step(self, params, batch: Batch) -> dict[str, jax.Array]:
         """Sums for the eval loss over a batch (no dropout; padding rows ignored).
 
+        Args:
+          params: the parameters.
+          batch: the model's features and `data.EXAMPLE_MASK` (0 on rows that pad the batch).
+
         Returns:
           `loss_sum` (sum of per-example losses) and `examples` (non-empty rows);
           the eval loss is their ratio, summed over batches first.
         """
         losses = self.loss_fn(params, batch, None)
-        real = jnp.sum(batch["decoder_loss_weights"], axis=-1) > 0
+        real = batch[data.EXAMPLE_MASK] > 0
         return {
             "loss_sum": jnp.sum(jnp.where(real, losses, 0.0)),
             "examples": jnp.sum(real).astype(jnp.float32),

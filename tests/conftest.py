@@ -27,8 +27,8 @@ def vocab():
 @pytest.fixture
 def registered():
     """Names of seqio tasks a test registers; removed afterwards (the registries are global)."""
-    from sam_jax.tasks import preprocessing  # noqa: PLC0415
+    from sam_jax.tasks import registry  # noqa: PLC0415
 
     names = []
     yield names
-    preprocessing.remove(names)
+    registry.remove(names)

@@ -1,5 +1,5 @@
-"""Tests for the benchmark tasks: sam_jax/tasks/{glue,super_glue,cbqa,metrics}.py and
-the TFDS helpers of sam_jax/tasks/preprocessing.py.
+"""Tests for the benchmark tasks: sam_jax/tasks/{glue,super_glue,cbqa}.py, end to end
+through sam_jax/tasks/tfds_tasks.py and T5's metrics (sam_jax/tasks/metrics.py).
 
 Nothing is downloaded: `tfds.testing.mock_data` serves examples written here
 (`FakeTfds`), so the T5 text each task must produce is known. Run with the
@@ -11,7 +11,6 @@ import contextlib
 import functools
 import importlib
 import importlib.resources
-import math
 
 import numpy as np
 import pytest
@@ -22,9 +21,10 @@ tfds = pytest.importorskip("tensorflow_datasets")
 
 from sam_jax.tasks import cbqa  # noqa: E402
 from sam_jax.tasks import glue  # noqa: E402
-from sam_jax.tasks import metrics  # noqa: E402
-from sam_jax.tasks import preprocessing as pp  # noqa: E402
+from sam_jax.tasks import registry as task_registry  # noqa: E402
+from sam_jax.tasks import subsampling  # noqa: E402
 from sam_jax.tasks import super_glue  # noqa: E402
+from sam_jax.tasks import vocabularies  # noqa: E402
 
 VOCAB = seqio.ByteVocabulary()
 SEQ = {"inputs": 512, "targets": 64}
@@ -128,7 +128,7 @@ def registry():
         return register_fn(**kwargs)
 
     yield register
-    pp.remove(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    task_registry.remove(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
     for name, task in tasks_before.items():
         seqio.TaskRegistry.add_provider(name, task)
     for name, mixture in mixtures_before.items():
@@ -179,29 +179,14 @@ def by_index(predictions):
 # --------------------------------------------------------------------------- #
 
 
-def test_vocabulary_comes_from_the_argument_or_the_environment(monkeypatch):
-    monkeypatch.delenv(pp.SPM_PATH_ENV, raising=False)
-    with pytest.raises(ValueError, match="SAM_JAX_SPM_PATH"):
-        pp.benchmark_vocabulary()
-    with pytest.raises(ValueError, match="not both"):
-        pp.benchmark_vocabulary(VOCAB, "/some/spm.model")
-    assert pp.benchmark_vocabulary(VOCAB) is VOCAB
-    # The file need not exist until the vocabulary is used.
-    monkeypatch.setenv(pp.SPM_PATH_ENV, "/no/such/dir/spm.model")
-    vocabulary = pp.benchmark_vocabulary()
-    assert isinstance(vocabulary, seqio.SentencePieceVocabulary)
-    assert vocabulary.sentencepiece_model_file == "/no/such/dir/spm.model"
-    assert pp.benchmark_vocabulary(vocabulary_path=TEST_SPM).sentencepiece_model_file == TEST_SPM
-
-
 def test_import_registers_only_when_the_environment_names_a_model(monkeypatch, registry):
-    monkeypatch.delenv(pp.SPM_PATH_ENV, raising=False)
+    monkeypatch.delenv(vocabularies.SPM_PATH_ENV, raising=False)
     before = set(seqio.TaskRegistry.names())
     for module in (glue, super_glue, cbqa):
         importlib.reload(module)
     assert set(seqio.TaskRegistry.names()) == before
     # A path that does not exist: importing still works (nothing is read).
-    monkeypatch.setenv(pp.SPM_PATH_ENV, "/no/such/dir/spm.model")
+    monkeypatch.setenv(vocabularies.SPM_PATH_ENV, "/no/such/dir/spm.model")
     for module in (glue, super_glue, cbqa):
         importlib.reload(module)
     for name in ("glue_cola", "super_glue_record", "trivia_qa_open"):
@@ -784,7 +769,7 @@ def test_cbqa_mixture_end_to_end_em_f1_over_answers(registry):
 
 
 def test_sentencepiece_vocabulary_from_the_environment_tokenizes(registry, monkeypatch):
-    monkeypatch.setenv(pp.SPM_PATH_ENV, TEST_SPM)
+    monkeypatch.setenv(vocabularies.SPM_PATH_ENV, TEST_SPM)
     registry(cbqa.register_cbqa_tasks, vocabulary_path=None)
     data = _cbqa_data(CBQA_TFDS_SPLITS["test"])
     (example,) = read("web_questions_open", "test", data)
@@ -813,7 +798,7 @@ def test_train_fraction_subsamples_train_only_and_scales_rates(registry):
     validation = train[:277]
     data = {("glue", "rte"): {"train": train, "validation": validation}}
     got = read(names["glue_rte"], "train", data)
-    kept = pp.train_fraction_indices(n, 0.1, seed=3)
+    kept = subsampling.train_fraction_indices(n, 0.1, seed=3)
     assert len(got) == len(kept) == 249
     assert [ex["idx"] for ex in got] == kept.tolist()
     assert texts(got)[0] == (
@@ -827,7 +812,7 @@ def test_train_fraction_subsamples_train_only_and_scales_rates(registry):
     for spec in glue.GLUE_TASKS:
         task = seqio.get_mixture_or_task(names[spec.name])
         full = EXPECTED_RATES[spec.name]
-        expected = pp.num_train_examples(full, 0.1) if full else 0
+        expected = subsampling.num_train_examples(full, 0.1) if full else 0
         assert mixture.get_rate(task) == expected
 
 
@@ -835,7 +820,7 @@ def test_train_fraction_rates_scale_preprocessed_counts(registry):
     names = registry(super_glue.register_super_glue_tasks, train_fraction=0.05)
     mixture = seqio.get_mixture_or_task(names["super_glue"])
     record = seqio.get_mixture_or_task(names["super_glue_record"])
-    kept = pp.num_train_examples(100730, 0.05)
+    kept = subsampling.num_train_examples(100730, 0.05)
     assert mixture.get_rate(record) == pytest.approx(138854 * kept / 100730)
     cb = seqio.get_mixture_or_task(names["super_glue_cb"])
     # 5 % of 250 is 12.5, rounded half up: 13.
@@ -860,7 +845,7 @@ def test_train_fraction_subsets_are_nested_and_deterministic(registry):
     small, large = kept(0.02), kept(0.2)
     assert len(small) == 8 and len(large) == 80
     assert set(small) < set(large)
-    assert large == pp.train_fraction_indices(n, 0.2).tolist()
+    assert large == subsampling.train_fraction_indices(n, 0.2).tolist()
     assert kept(0.02) == small
     assert set(kept(0.02, seed=1)) != set(small)
 
@@ -877,133 +862,11 @@ def test_train_fraction_of_a_sliced_cbqa_split(registry):
         )
         got = texts(ds.as_numpy_iterator())
     assert fake.requested == [("web_questions", None, "train[:3417]")]
-    assert got == [(f"wq question: q{i}", f"a{i}") for i in pp.train_fraction_indices(n, 0.02)]
+    assert got == [
+        (f"wq question: q{i}", f"a{i}") for i in subsampling.train_fraction_indices(n, 0.02)
+    ]
     assert len(got) == 68
     mixture = seqio.get_mixture_or_task(names["cbqa"])
     for name in EXPECTED_TASKS["cbqa"]:
         task = seqio.get_mixture_or_task(names[name])
-        assert mixture.get_rate(task) == pp.num_train_examples(EXPECTED_RATES[name], 0.02)
-
-
-# --------------------------------------------------------------------------- #
-# Metrics on hand-computed cases.
-# --------------------------------------------------------------------------- #
-
-
-def test_accuracy_and_binary_f1_with_invalid_predictions():
-    assert metrics.accuracy([0, 1, 2, 1], [0, 1, 1, -1]) == {"accuracy": 50.0}
-    # Invalid -1 becomes the opposite of the target: [1, 0, 0, 1]; TP 1, FP 1, FN 1.
-    assert metrics.f1_score_with_invalid([1, 1, 0, 0], [1, -1, 0, -1]) == {"f1": 50.0}
-    assert metrics.f1_score_with_invalid([0, 0], [0, 0]) == {"f1": 0.0}
-    with pytest.raises(ValueError, match="2 targets but 1 predictions"):
-        metrics.accuracy([0, 1], [0])
-
-
-def test_matthews_correlation():
-    assert metrics.matthews_corrcoef([1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 1]) == {
-        "matthews_corrcoef": pytest.approx(100 / 3)
-    }
-    # An invalid prediction is a third class: counts t = (0, 2, 2), p = (1, 2, 1)
-    # for (-1, 0, 1), 3 of 4 right: (3*4 - 6) / sqrt((16 - 6) * (16 - 8)).
-    assert metrics.matthews_corrcoef([1, 0, 1, 0], [1, 0, -1, 0]) == {
-        "matthews_corrcoef": pytest.approx(100 * 6 / math.sqrt(80))
-    }
-    assert metrics.matthews_corrcoef([1, 0, 1], [1, 1, 1]) == {"matthews_corrcoef": 0.0}
-    assert metrics.matthews_corrcoef([1, 0, 1], [0, 1, 0]) == {"matthews_corrcoef": -100.0}
-
-
-def test_pearson_and_spearman():
-    targets = [1.0, 2.0, 3.0, 4.0]
-    assert metrics.pearson_corrcoef(targets, [2.0, 4.0, 6.0, 8.0])["pearson_corrcoef"] == (
-        pytest.approx(100.0)
-    )
-    # Deviations (-1.5, -.5, .5, 1.5) and (-.75, -.75, .25, 1.25): 3.5 / sqrt(5 * 2.75).
-    assert metrics.pearson_corrcoef(targets, [1.0, 1.0, 2.0, 3.0]) == {
-        "pearson_corrcoef": pytest.approx(100 * 3.5 / math.sqrt(5 * 2.75))
-    }
-    # Tied ranks (1.5, 1.5, 3, 4): 4.5 / sqrt(5 * 4.5).
-    assert metrics.spearman_corrcoef(targets, [1.0, 1.0, 2.0, 3.0]) == {
-        "spearman_corrcoef": pytest.approx(100 * 4.5 / math.sqrt(5 * 4.5))
-    }
-    assert metrics.spearman_corrcoef(targets, [10.0, 20.0, 30.0, 400.0]) == {
-        "spearman_corrcoef": pytest.approx(100.0)
-    }
-
-
-def test_cb_mean_f1_over_three_classes():
-    # Class 0: TP 1, FN 1 -> 2/3; class 1: TP 1, FP 1 -> 2/3; class 2: FN 1 -> 0.
-    mean_f1 = metrics.mean_multiclass_f1(3)
-    assert mean_f1([0, 0, 1, 2], [0, 1, 1, -1]) == {"mean_3class_f1": pytest.approx(100 * 4 / 9)}
-    assert mean_f1([0, 1, 2], [0, 1, 2]) == {"mean_3class_f1": 100.0}
-
-
-def test_squad_and_trivia_qa_scores():
-    assert metrics.squad([["Paris", "City of Paris"]], ["the city of paris!"]) == {
-        "em": 100.0,
-        "f1": 100.0,
-    }
-    assert metrics.squad([["William Shakespeare"]], ["Shakespeare"]) == {
-        "em": 0.0,
-        "f1": pytest.approx(100 * 2 / 3),
-    }
-    assert metrics.squad([["Jean-Paul Sartre"]], ["jean paul sartre"])["em"] == 0.0
-    assert metrics.trivia_qa([["Jean-Paul Sartre"]], ["jean paul sartre"])["em"] == 100.0
-    # As in T5: an answer that normalises to nothing matches an empty prediction
-    # exactly, but has no tokens in common with it (F1 0).
-    assert metrics.squad([["The"]], [""]) == {"em": 100.0, "f1": 0.0}
-    assert metrics.normalize_trivia_qa("  The ‘Great’ Gatsby_ ") == "great gatsby"
-
-
-def test_record_scores_each_query_once_at_its_best_answer():
-    targets = [
-        {"value": ["Barack Obama", "Obama"], "group": (0, 0)},
-        {"value": ["Barack Obama", "Obama"], "group": (0, 0)},
-        {"value": ["New York City"], "group": (1, 1)},
-    ]
-    predictions = [{"value": "obama"}, {"value": "nonsense"}, {"value": "New York"}]
-    assert metrics.record_em_f1(targets, predictions) == {
-        "em": pytest.approx(50.0),
-        "f1": pytest.approx(90.0),
-    }
-
-
-def test_multirc_groups_by_question():
-    def t(value, question):
-        return {"value": value, "group": (0, question)}
-
-    targets = [t(1, 0), t(0, 0), t(1, 0), t(0, 1), t(1, 1)]
-    predictions = [{"value": v} for v in (1, 0, 0, 0, 1)]
-    assert metrics.multirc_f1_over_all_answers(targets, predictions) == {"f1": pytest.approx(80.0)}
-    assert metrics.multirc_exact_match(targets, predictions) == {"exact_match": 50.0}
-    # The same question index under another paragraph is another question.
-    other = [t(1, 0), {"value": 0, "group": (1, 0)}]
-    assert metrics.multirc_exact_match(other, [{"value": 1}, {"value": 1}]) == {"exact_match": 50.0}
-    assert metrics.multirc(
-        "True", example={"idx/paragraph": 2, "idx/question": 7}, is_target=True
-    ) == {
-        "value": 1,
-        "group": (2, 7),
-    }
-    assert metrics.multirc("Maybe") == {"value": -1}
-
-
-def test_wsc_simple_postprocessor():
-    example = {"targets_pretokenized": b"The tall man", "label": 1}
-    assert metrics.wsc_simple("the tall man", example) == 1
-    assert metrics.wsc_simple("Man", example) == 1  # a subset of the candidate
-    assert metrics.wsc_simple("that tall old man", example) == 1  # a superset
-    assert metrics.wsc_simple("the man's hat", example) == 0  # possessive
-    assert metrics.wsc_simple("woman", example) == 0
-    assert metrics.wsc_simple("the", example) == -1  # nothing left
-    assert metrics.wsc_simple("anything", example, is_target=True) == 1
-
-
-def test_label_and_number_postprocessors():
-    labels = ("unacceptable", "acceptable")
-    assert metrics.string_label_to_class_id(b"acceptable", labels) == 1
-    assert metrics.string_label_to_class_id("acceptable ", labels) == -1
-    assert metrics.string_to_float("2.4") == pytest.approx(2.4)
-    assert metrics.string_to_float("") == -1.0
-    example = {"answers": np.array([b"Paris", b"City of Paris"], dtype=object)}
-    assert metrics.qa("Paris", example, is_target=True) == ["Paris", "City of Paris"]
-    assert metrics.qa(b"paris", example) == "paris"
+        assert mixture.get_rate(task) == subsampling.num_train_examples(EXPECTED_RATES[name], 0.02)

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("seqio")
 
 from sam_jax import compare  # noqa: E402
-from sam_jax.tasks import preprocessing  # noqa: E402
+from sam_jax.tasks import registry  # noqa: E402
 
 # One layer each way and 3 steps: the default run's code path, in seconds.
 SHORT = dict(train_steps=3, batch_size=8, eval_period=2, train_fraction=0.05, seed=0)
@@ -23,7 +23,7 @@ def short_comparison(tmp_path_factory):
     output_dir = str(tmp_path_factory.mktemp("compare"))
     rows = compare.compare(output_dir, variants=["plain", "SAM"], extra_bindings=ONE_LAYER, **SHORT)
     yield output_dir, rows
-    preprocessing.remove([f"demo_{name}_frac0.05" for name in ("cbqa", "nli", "mixture")])
+    registry.remove([f"demo_{name}_frac0.05" for name in ("cbqa", "nli", "mixture")])
 
 
 def test_every_variant_trains_through_train_with_the_same_data(short_comparison):
@@ -32,7 +32,7 @@ def test_every_variant_trains_through_train_with_the_same_data(short_comparison)
     for row in rows:
         assert row["model_dir"] == os.path.join(output_dir, row["name"].lower())
         assert set(row["final"]) == {
-            "demo_cbqa/exact_match",
+            "demo_cbqa/em",
             "demo_cbqa/f1",
             "demo_cbqa/loss",
             "demo_nli/accuracy",
@@ -61,7 +61,7 @@ def test_the_table_and_the_plot(short_comparison, capsys):
     # Header: "variant", the task metrics sorted by name, then the time columns.
     assert lines[1].split() == [
         "variant",
-        "demo_cbqa/exact_match",
+        "demo_cbqa/em",
         "demo_cbqa/f1",
         "demo_cbqa/loss",
         "demo_nli/accuracy",

@@ -85,8 +85,12 @@ def test_decoder_on_the_mesh_equals_one_device(params, inputs):
         lambda key: t5.init_variables(CONFIG, key)["params"], jax.random.key(0)
     )
     shardings = partitioner.shardings(abstract)
-    decode = decoding.make_greedy_decoder(
-        MODEL, partitioner, shardings, TARGET_LENGTH, eos_id=-1, num_valid_ids=VOCAB
+    decode = partitioner.partition(
+        lambda p, batch: decoding.greedy_decode(
+            MODEL, p, batch["encoder_input_tokens"], TARGET_LENGTH, eos_id=-1, num_valid_ids=VOCAB
+        ),
+        in_shardings=(shardings, partitioner.data_sharding()),
+        out_shardings=partitioner.data_sharding(),
     )
     sharded = decode(
         jax.device_put(params, shardings),

@@ -18,7 +18,7 @@ tfds = pytest.importorskip("tensorflow_datasets")
 from sam_jax import encoder_features  # noqa: E402
 from sam_jax.tasks import glue  # noqa: E402
 from sam_jax.tasks import glue_encoder  # noqa: E402
-from sam_jax.tasks import preprocessing as pp  # noqa: E402
+from sam_jax.tasks import subsampling  # noqa: E402
 
 ALL_CONFIGS = [
     "cola",
@@ -214,12 +214,12 @@ def test_reregistration_is_idempotent_and_train_fraction_subsamples(vocab, regis
     registered.extend(names)
     assert names == ["glue_encoder_rte_frac0.5_seed3"]
     sub = seqio.get_mixture_or_task(names[0])
-    assert sub.num_input_examples("train") == pp.num_train_examples(2490, 0.5)
+    assert sub.num_input_examples("train") == subsampling.num_train_examples(2490, 0.5)
     assert sub.num_input_examples("validation") == 277
     rows = [{"sentence1": f"s{i}", "sentence2": "t", "label": i % 2, "idx": i} for i in range(10)]
     got = read(names[0], "train", {"rte": {"train": rows}})
     # TrainFractionSource keeps the examples at the selected indices of the full split.
-    kept = set(pp.train_fraction_indices(2490, 0.5, seed=3).tolist())
+    kept = set(subsampling.train_fraction_indices(2490, 0.5, seed=3).tolist())
     assert [int(ex["idx"]) for ex in got] == [i for i in range(10) if i in kept]
 
 

@@ -20,7 +20,7 @@ tf = pytest.importorskip("tensorflow")
 tokenizers = pytest.importorskip("tokenizers")
 
 from sam_jax.tasks import hf_vocabulary  # noqa: E402
-from sam_jax.tasks import preprocessing as pp  # noqa: E402
+from sam_jax.tasks import registry  # noqa: E402
 from sam_jax.tasks.hf_vocabulary import HfVocabulary  # noqa: E402
 
 MINILM_DIR = minilm.model_dir()
@@ -267,7 +267,7 @@ def test_a_seqio_task_produces_the_tokenizer_ids(wordpiece, reference):
 
     name = "test_hf_vocabulary_task"
     try:
-        pp.add_task(
+        registry.add_task(
             name,
             source=seqio.FunctionDataSource(dataset_fn, splits=["train"]),
             preprocessors=[seqio.preprocessors.tokenize, seqio.CacheDatasetPlaceholder()],
@@ -278,7 +278,7 @@ def test_a_seqio_task_produces_the_tokenizer_ids(wordpiece, reference):
         )
         examples = list(ds.as_numpy_iterator())
     finally:
-        pp.remove([name])
+        registry.remove([name])
     assert len(examples) == len(texts)
     for text, example in zip(texts, examples):
         encoding = reference.encode(text, add_special_tokens=False)

@@ -126,7 +126,7 @@ def test_cli_trains_evaluates_records_the_best_and_resumes(one_device_run, compi
     assert "train: 100%" in out.stderr  # the progress bar
     # The final table: every task-metric of both tasks, last and best values.
     table = out.stdout[out.stdout.index("task/metric") :]
-    for name in ("demo_cbqa/exact_match", "demo_cbqa/f1", "demo_cbqa/loss", "demo_nli/accuracy"):
+    for name in ("demo_cbqa/em", "demo_cbqa/f1", "demo_cbqa/loss", "demo_nli/accuracy"):
         assert name in table
     history = summaries.read_history(model_dir)
     assert [r["step"] for r in history if "train" in r] == [1, 2, 3]
@@ -424,3 +424,304 @@ def test_a_bad_initial_checkpoint_is_a_one_line_error_before_anything_is_written
         cli(args)
     assert "\n" not in error.value.message
     assert not os.path.exists(os.path.join(model_dir, train.CONFIG_FILE))
+
+
+# --- Pre-trained models through the CLI: T5X's checkpoint, MiniLM --------------------------
+
+MINILM = minilm.model_dir()
+NO_WEIGHTS = {"model__safetensors": None}
+# MiniLM's config.json with one more layer: the checkpoint has 6.
+LARGER = (
+    '{"model_type": "bert", "vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 7, '
+    '"num_attention_heads": 12, "intermediate_size": 1536}'
+)
+T5X_FIXTURE = os.path.join(os.path.dirname(__file__), "data", "t5x_tiny")
+# tests/data/t5x_tiny/README.txt: the T5Config of the checkpoint T5X wrote.
+T5X_FIXTURE_ARGS = [
+    "--gin_file=runs/finetune.gin",
+    "--gin_file=models/t5_1_1/tiny.gin",
+    "--gin.VOCAB_SIZE=80",
+    "--gin.t5_1_1_config.emb_dim=32",
+    "--gin.t5_1_1_config.num_heads=4",
+    "--gin.t5_1_1_config.head_dim=6",
+    "--gin.t5_1_1_config.mlp_dim=48",
+    "--gin.t5_1_1_config.num_encoder_layers=1",
+    "--gin.t5_1_1_config.num_decoder_layers=2",
+    "--gin.MIXTURE_OR_TASK_NAME='t5x_fixture_copy'",
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 12, 'targets': 6}",
+    "--gin.BATCH_SIZE=8",
+    "--gin.TRAIN_STEPS=2",
+    "--gin.train.max_eval_examples=8",
+    "--gin.train.log_period=1",
+    "--gin.train.progress_bar=False",
+]
+SAM_VARIANTS = [
+    "sam",
+    "sam_quarter",
+    "asam",
+    "delta_sam",
+    "delta_sam_draft",
+    "fsam",
+    "per_instance",
+]
+
+
+@pytest.fixture
+def copy_task(registered):
+    """'t5x_fixture_copy': copy the first 5 of 10 ids below 80 (the fixture's vocabulary)."""
+    import seqio  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+
+    def dataset_fn(split, shuffle_files, seed=None):
+        del shuffle_files, seed
+        rng = np.random.default_rng(0 if split == "train" else 1)
+        inputs = rng.integers(2, 80, (64, 10)).astype(np.int32)
+        return tf.data.Dataset.from_tensor_slices({"inputs": inputs, "targets": inputs[:, :5]})
+
+    def sequence_accuracy(targets, predictions):
+        return {
+            "accuracy": 100.0 * np.mean([list(t) == list(p) for t, p in zip(targets, predictions)])
+        }
+
+    vocabulary = seqio.PassThroughVocabulary(size=80, eos_id=1)
+    registered.append("t5x_fixture_copy")
+    seqio.TaskRegistry.add(
+        "t5x_fixture_copy",
+        source=seqio.FunctionDataSource(dataset_fn, splits=["train", "validation"]),
+        preprocessors=[seqio.CacheDatasetPlaceholder(), seqio.preprocessors.append_eos_after_trim],
+        output_features={
+            name: seqio.Feature(vocabulary, add_eos=True) for name in ("inputs", "targets")
+        },
+        metric_fns=[sequence_accuracy],
+    )
+
+
+def fixture_params():
+    from sam_jax.models import t5  # noqa: PLC0415
+
+    return t5.from_pretrained(os.path.join(T5X_FIXTURE, "checkpoint_0"))[1]
+
+
+@pytest.mark.parametrize("variant", ["plain", *SAM_VARIANTS])
+def test_the_t5x_written_checkpoint_fine_tunes_with_every_variant(
+    variant, tmp_path, copy_task, compilation_cache
+):
+    """Two steps from T5X's own checkpoint: every variant starts there and moves a little."""
+    model_dir = str(tmp_path / variant)
+    sam = [] if variant == "plain" else [f"--gin_file=sam/{variant}.gin"]
+    result = cli(
+        T5X_FIXTURE_ARGS
+        + sam
+        + [
+            f"--gin.INITIAL_CHECKPOINT_PATH='{T5X_FIXTURE}/checkpoint_0'",
+            f"--gin.MODEL_DIR='{model_dir}'",
+        ]
+    )
+    assert result.step == 2 and "t5x_fixture_copy/accuracy" in result.eval
+    history = [r["train"] for r in summaries.read_history(model_dir) if "train" in r]
+    assert len(history) == 2 and all(np.isfinite(r["train/loss"]) for r in history)
+    assert ("train/sam/grad_norm" in history[0]) == (variant != "plain")
+    moved = max_difference(final_params(model_dir, 2), fixture_params())
+    assert 0.0 < moved < 0.05  # two Adafactor steps at 1e-3 from the checkpoint, not a fresh init
+
+
+def test_the_t5x_legacy_checkpoint_and_an_hf_directory_start_the_same_run(
+    tmp_path, copy_task, compilation_cache
+):
+    """With a learning rate of 0, each layout's first checkpoint is exactly T5X's parameters."""
+    import json  # noqa: PLC0415
+
+    from safetensors.numpy import save_file  # noqa: PLC0415
+
+    from sam_jax.models import t5  # noqa: PLC0415
+    from sam_jax.models import t5_checkpoints  # noqa: PLC0415
+
+    loaded, params = t5.from_pretrained(os.path.join(T5X_FIXTURE, "checkpoint_0"))
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    save_file(
+        t5_checkpoints.to_hf_state_dict(loaded.config, params), str(hf_dir / "model.safetensors")
+    )
+    (hf_dir / "config.json").write_text(json.dumps(t5_checkpoints.to_hf_config(loaded.config)))
+    for name, path in (("legacy", f"{T5X_FIXTURE}/legacy/checkpoint_0"), ("hf", str(hf_dir))):
+        model_dir = str(tmp_path / name)
+        cli(
+            T5X_FIXTURE_ARGS
+            + [
+                f"--gin.INITIAL_CHECKPOINT_PATH='{path}'",
+                f"--gin.MODEL_DIR='{model_dir}'",
+                "--gin.TRAIN_STEPS=1",
+                "--gin.LEARNING_RATE=0.0",
+            ]
+        )
+        assert max_difference(final_params(model_dir, 1), params) == 0.0, name
+
+
+SST2 = os.path.join(os.path.dirname(REPO_DIR), "shared", "data", "sst2")
+needs_sst2 = pytest.mark.skipif(
+    not os.path.exists(os.path.join(SST2, "train.tsv")), reason=f"SST-2 not found in {SST2}"
+)
+
+
+def encoder_args(task_dir, model_dir, *extra):
+    return [
+        "--gin_file=runs/finetune_encoder.gin",
+        f"--gin.INITIAL_CHECKPOINT_PATH='{minilm.model_dir()}'",
+        f"--gin.TASK_DIR='{task_dir}'",
+        f"--gin.MODEL_DIR='{model_dir}'",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 32}",
+        "--gin.BATCH_SIZE=16",
+        "--gin.train.log_period=1",
+        "--gin.train.progress_bar=False",
+        *extra,
+    ]
+
+
+# The README's MiniLM-on-SST-2 runs (add --gin_file=sam/sam.gin for SAM, and MODEL_DIR, SEED).
+SST2_ARGS = [
+    "--gin_file=runs/finetune_encoder.gin",
+    f"--gin.INITIAL_CHECKPOINT_PATH='{minilm.model_dir()}'",
+    f"--gin.TASK_DIR='{SST2}'",
+    "--gin.TRAIN_FRACTION=0.1",
+    "--gin.TASK_FEATURE_LENGTHS={'inputs': 64}",
+    "--gin.TRAIN_STEPS=100",
+    "--gin.EVAL_PERIOD=100",
+]
+
+
+@pytest.mark.slow
+@needs_sst2
+def test_minilm_fine_tunes_on_sst2_through_the_cli(tmp_path, registered, compilation_cache):
+    """The README's command, 40 steps: held-out accuracy well above chance.
+
+    Chance is 50 %, with a standard error of 3.1 points on 256 examples; 40 steps
+    reached 69.9 % here (lr 2e-5). The bound is chance + 3 standard errors.
+    """
+    registered.append("local_sst2_frac0.1")
+    result = cli(
+        SST2_ARGS
+        + [
+            f"--gin.MODEL_DIR='{tmp_path / 'run'}'",
+            "--gin.TRAIN_STEPS=40",
+            "--gin.EVAL_PERIOD=40",
+            "--gin.train.max_eval_examples=256",
+            "--gin.train.progress_bar=False",
+        ]
+    )
+    assert result.eval["local_sst2_frac0.1/accuracy"] > 60.0
+    assert {"local_sst2_frac0.1/f1", "local_sst2_frac0.1/matthews_corrcoef"} <= set(result.eval)
+
+
+def write_sentiment_tsv(directory, num_examples=32, bad_label=False):
+    """A tiny synthetic single-sentence task: label 1 for 'good' sentences.
+
+    With `bad_label`, train.tsv's first example has the label 'positive'.
+    """
+    rng = np.random.default_rng(0)
+    os.makedirs(directory)
+    for split in ("train", "validation"):
+        lines = ["sentence\tlabel"] + (["a good film\tpositive"] if bad_label else [])
+        for _ in range(num_examples):
+            label = int(rng.integers(2))
+            word = ("bad", "good")[label]
+            lines.append(f"the film was {word} and {rng.choice(['long', 'short', 'new'])}\t{label}")
+        write(os.path.join(directory, f"{split}.tsv"), "\n".join(lines) + "\n")
+    return directory
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", SAM_VARIANTS)
+def test_minilm_fine_tunes_with_every_sam_variant(variant, tmp_path, registered, compilation_cache):
+    task_dir = write_sentiment_tsv(str(tmp_path / "sentiment"))
+    registered.append("local_sentiment")
+    model_dir = str(tmp_path / "run")
+    result = cli(
+        encoder_args(
+            task_dir,
+            model_dir,
+            f"--gin_file=sam/{variant}.gin",
+            "--gin.TRAIN_STEPS=2",
+            "--gin.BATCH_SIZE=8",
+            "--gin.TASK_FEATURE_LENGTHS={'inputs': 16}",
+        )
+    )
+    assert result.step == 2 and "local_sentiment/accuracy" in result.eval
+    history = [r["train"] for r in summaries.read_history(model_dir) if "train" in r]
+    assert all(np.isfinite(r["train/sam/perturbed_loss"]) for r in history)
+
+
+def copy_minilm_with(directory, **changes):
+    """A copy of the MiniLM directory, with files replaced ({name: text}) or removed (None)."""
+    shutil.copytree(minilm.model_dir(), directory)
+    for name, text in changes.items():
+        path = os.path.join(directory, name.replace("__", "."))
+        os.remove(path)
+        if text is not None:
+            write(path, text)
+    return directory
+
+
+def other_tokenizer(directory):
+    """MiniLM's tokenizer.json with one word's id changed: the same size, another vocabulary."""
+    import json  # noqa: PLC0415
+
+    content = json.loads((minilm.model_dir() / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = content["model"]["vocab"]
+    vocab["film"], vocab["movie"] = vocab["movie"], vocab["film"]
+    os.makedirs(directory)
+    return write(os.path.join(directory, "tokenizer.json"), json.dumps(content))
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        (
+            lambda t: {"INITIAL_CHECKPOINT_PATH": f"'{t}/none'", "TOKENIZER": f"'{MINILM}'"},
+            r"encoder_classifier: .*none has no config\.json",
+        ),
+        (
+            lambda t: {"INITIAL_CHECKPOINT_PATH": f"'{t}/hf_t5'", "TOKENIZER": f"'{MINILM}'"},
+            r"encoder_classifier: Unsupported model_type 't5'",
+        ),
+        (lambda t: {"TOKENIZER": f"'{t}/none'"}, r"tsv_task: cannot read tokenizer file .*none"),
+        (
+            lambda t: {"INITIAL_CHECKPOINT_PATH": f"'{copy_minilm_with(f'{t}/m', **NO_WEIGHTS)}'"},
+            r"INITIAL_CHECKPOINT_PATH: .*model\.safetensors not found",
+        ),
+        (
+            lambda t: {
+                "INITIAL_CHECKPOINT_PATH": f"'{copy_minilm_with(f'{t}/m', config__json=LARGER)}'"
+            },
+            r"INITIAL_CHECKPOINT_PATH: .*missing \['encoder\.layer\.6\.",
+        ),
+        (lambda t: {"TOKENIZER": f"'{other_tokenizer(f'{t}/tok')}'"}, r"not the checkpoint's"),
+        (lambda t: {"TASK_DIR": "'/nonexistent/sst2'"}, r"tsv_task: .*/nonexistent/sst2"),
+        (
+            lambda t: {"TASK_DIR": f"'{write_sentiment_tsv(f'{t}/bad', bad_label=True)}'"},
+            r"tsv_task: .*bad/train\.tsv:2: label 'positive' is not an integer",
+        ),
+    ],
+    ids=[
+        "missing",
+        "t5_checkpoint",
+        "missing_tokenizer",
+        "no_weights",
+        "mismatched_weights",
+        "vocabulary",
+        "missing_task",
+        "malformed_tsv",
+    ],
+)
+def test_bad_encoder_inputs_are_one_line_errors_before_anything_is_written(
+    setting, message, tmp_path, registered
+):
+    write_hf_t5(str(tmp_path / "hf_t5"), tiny_run_config(), seed=0)
+    task_dir = write_sentiment_tsv(str(tmp_path / "sentiment"))
+    registered.append("local_sentiment")
+    model_dir = str(tmp_path / "run")
+    bindings = [f"--gin.{name}={value}" for name, value in setting(tmp_path).items()]
+    with pytest.raises(run_config.ConfigError, match=message) as error:
+        cli(encoder_args(task_dir, model_dir, "--gin.TRAIN_STEPS=1", *bindings))
+    assert "\n" not in error.value.message
+    assert not os.path.exists(os.path.join(model_dir, train.CONFIG_FILE))
+    assert not os.path.exists(os.path.join(model_dir, train.CHECKPOINTS_SUBDIR, "0"))

@@ -11,9 +11,11 @@ import pytest
 from flax import linen as nn
 
 import sam_jax
+from sam_jax import data
 from sam_jax import partitioning
 from sam_jax import trainer as trainer_lib
 from sam_jax.models import t5
+from sam_jax.models import task_models
 
 VOCAB = 128
 INPUT_LENGTH, TARGET_LENGTH = 12, 6
@@ -41,8 +43,11 @@ def make_batch(num_examples=8, seed=0):
     }
 
 
-def make_trainer(optimizer=optax.sgd, learning_rate=0.5, sam=None, config=CONFIG, **kwargs):
-    return trainer_lib.Trainer(t5.Transformer(config), optimizer, learning_rate, sam, **kwargs)
+def make_trainer(
+    optimizer=optax.sgd, learning_rate=0.5, sam=None, config=CONFIG, z_loss=1e-4, **kwargs
+):
+    model = task_models.EncoderDecoderModel(config, z_loss=z_loss)
+    return trainer_lib.Trainer(model, optimizer, learning_rate, sam, **kwargs)
 
 
 def init_state(trainer):
@@ -177,6 +182,7 @@ def test_eval_step_ignores_padding_rows():
     trainer = make_trainer()
     params = init_state(trainer).params
     batch = make_batch()
+    batch[data.EXAMPLE_MASK] = np.ones(len(batch["encoder_input_tokens"]), np.int32)
     padded = {k: np.concatenate([v, np.zeros_like(v[:2])]) for k, v in batch.items()}
     sums = jax.jit(trainer.eval_step)(params, padded)
     assert float(sums["examples"]) == 8

@@ -6,7 +6,7 @@ idempotent: re-importing or reloading a module replaces its definitions.
 
 Modules:
   demo           offline generated tasks, no downloads: `demo_cbqa` (closed-book
-                 QA, exact match / F1), `demo_nli` (3-way NLI, accuracy) and
+                 QA, 'em' / 'f1'), `demo_nli` (3-way NLI, 'accuracy') and
                  `demo_mixture`; `demo.register_demo_tasks(train_fraction=...)`
                  registers subsampled variants.
   glue, super_glue, cbqa
@@ -20,15 +20,18 @@ Modules:
                  (WordPiece/BPE), without special tokens; cls/sep/pad/unk/mask ids.
   local          `register_tsv_task` / gin `local.tsv_task(directory=...)`: one's own
                  train.tsv/validation.tsv (sentence or sentence1/sentence2, label).
-  metrics        T5's postprocessors and metrics (percent, T5's key names).
-  preprocessing  shared helpers: `TrainFractionSource` (deterministic, nested
-                 `train_fraction` subsampling of any seqio DataSource's train
-                 split), idempotent `add_task`/`add_mixture`, postprocessors
-                 and metrics (`exact_match`, `token_f1`, `squad_em_f1`,
-                 `accuracy`).
+  metrics        T5's postprocessors and metrics of every task (percent, T5's
+                 key names).
+  registry       idempotent `add_task`/`add_mixture`, `remove`.
+  splitmix       splitmix64 hashing and `Rng`, a platform-independent PRNG.
+  subsampling    `TrainFractionSource`: deterministic, nested `train_fraction`
+                 subsampling of any seqio DataSource's train split.
+  tfds_tasks     `TfdsTaskSpec`, `register_tfds_tasks`: T5-style tasks over TFDS
+                 with known split sizes (used by glue, super_glue, cbqa).
+  vocabularies   `benchmark_vocabulary` ($SAM_JAX_SPM_PATH), T5's text-to-text
+                 output features.
 
-Needs seqio (and so TensorFlow). `tasks/preprocessing.py` itself imports seqio
-lazily, so its numpy helpers and metrics could move to a seqio-free package.
+Needs seqio (and so TensorFlow).
 """
 
 from sam_jax.tasks import cbqa  # noqa: F401  (natural_questions_open, ..., cbqa: if $SAM_JAX_SPM_PATH is set)

@@ -35,7 +35,8 @@ import seqio
 import tensorflow as tf
 
 from sam_jax.tasks import metrics
-from sam_jax.tasks import preprocessing
+from sam_jax.tasks import tfds_tasks
+from sam_jax.tasks import vocabularies
 
 MIXTURE = "cbqa"
 
@@ -72,7 +73,7 @@ def trivia_qa_open_text(example):
 
 
 def _open_qa(name, tfds_name, tfds_splits, split_sizes, text_preprocessor, metric_fn):
-    return preprocessing.TfdsTaskSpec(
+    return tfds_tasks.TfdsTaskSpec(
         name=name,
         tfds_name=tfds_name,
         split_sizes=split_sizes,
@@ -132,14 +133,14 @@ def register_cbqa_tasks(
     gives 'natural_questions_open_frac0.2', ..., 'cbqa_frac0.2'. Only the
     'train' split is subsampled; 'validation' and 'test' are kept whole.
     """
-    return preprocessing.register_tfds_tasks(
+    return tfds_tasks.register_tfds_tasks(
         CBQA_TASKS,
         MIXTURE,
-        preprocessing.benchmark_vocabulary(vocabulary, vocabulary_path),
+        vocabularies.benchmark_vocabulary(vocabulary, vocabulary_path),
         train_fraction,
         seed,
     )
 
 
-if preprocessing.spm_path_from_env():
+if vocabularies.spm_path_from_env():
     register_cbqa_tasks()

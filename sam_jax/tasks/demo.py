@@ -1,7 +1,7 @@
 """Offline demo tasks: generated closed-book QA and NLI, plus their mixture.
 
 Nothing is downloaded: the examples are generated in code from a fixed seed
-with a platform-independent PRNG (`preprocessing.Rng`), so every machine sees
+with a platform-independent PRNG (`splitmix.Rng`), so every machine sees
 the same text, and they are tokenized with a small SentencePiece model shipped
 in the repository (`sam_jax/tasks/data/demo_vocabulary.model`, built from the demo text
 by `python -m sam_jax.tasks.build_demo_vocabulary`): a real subword vocabulary in which
@@ -19,12 +19,12 @@ Both put generalisation at stake:
   question occurs in training, every validation answer is learnable from
   training (the same fact under other wordings), and every validation template
   is seen in training with other facts: a model must recall the fact across
-  paraphrases rather than memorise question strings. Metrics: exact match and
-  token F1.
+  paraphrases rather than memorise question strings. Metrics: SQuAD exact
+  match 'em' and token F1 'f1', in percent (`metrics.squad`).
 * ``demo_nli`` -- premise/hypothesis pairs about who did (or did not) do
   something, labelled entailment / neutral / contradiction by membership and
   negation. Validation uses people that never occur in training, so the rule,
-  not the names, must be learnt. Metric: accuracy.
+  not the names, must be learnt. Metric: 'accuracy', in percent.
 
 ``demo_mixture`` mixes them proportionally to their training-set sizes.
 
@@ -41,8 +41,11 @@ import os
 import seqio
 import tensorflow as tf
 
-from sam_jax.tasks import preprocessing
-from sam_jax.tasks.preprocessing import Rng
+from sam_jax.tasks import metrics
+from sam_jax.tasks import registry
+from sam_jax.tasks import subsampling
+from sam_jax.tasks import vocabularies
+from sam_jax.tasks.splitmix import Rng
 
 VOCABULARY_PATH = os.path.join(os.path.dirname(__file__), "data", "demo_vocabulary.model")
 VOCABULARY = seqio.SentencePieceVocabulary(VOCABULARY_PATH)
@@ -53,10 +56,7 @@ def vocabulary() -> seqio.SentencePieceVocabulary:
     return VOCABULARY
 
 
-OUTPUT_FEATURES = {
-    "inputs": seqio.Feature(vocabulary=VOCABULARY, add_eos=True, required=True),
-    "targets": seqio.Feature(vocabulary=VOCABULARY, add_eos=True),
-}
+OUTPUT_FEATURES = vocabularies.text_to_text_features(VOCABULARY)
 # In pieces, without EOS: with it every example fits sequence lengths 24 / 4.
 MAX_INPUT_PIECES = 23
 MAX_TARGET_PIECES = 3
@@ -286,9 +286,9 @@ def register_demo_tasks(
     Returns:
       {'cbqa': name, 'nli': name, 'mixture': name}: 'demo_cbqa' etc. for the
       full data, with a suffix such as '_frac0.05' (and '_seed3', '_data1') for
-      other settings. Remove them with `preprocessing.remove(names.values())`.
+      other settings. Remove them with `registry.remove(names.values())`.
     """
-    suffix = preprocessing.train_fraction_suffix(train_fraction, seed)
+    suffix = subsampling.train_fraction_suffix(train_fraction, seed)
     if data_seed != DATA_SEED:
         suffix += f"_data{data_seed}"
     names = {
@@ -299,18 +299,18 @@ def register_demo_tasks(
     common = dict(
         output_features=OUTPUT_FEATURES,
         preprocessors=list(PREPROCESSORS),
-        postprocess_fn=preprocessing.strip_text,
+        postprocess_fn=metrics.strip_text,
         shuffle_buffer_size=SHUFFLE_BUFFER_SIZE,
     )
     for key, generator, metric_fns in (
-        ("cbqa", cbqa_examples, [preprocessing.squad_em_f1]),
-        ("nli", nli_examples, [preprocessing.accuracy]),
+        ("cbqa", cbqa_examples, [metrics.squad]),
+        ("nli", nli_examples, [metrics.accuracy]),
     ):
-        source = preprocessing.with_train_fraction(
+        source = subsampling.with_train_fraction(
             make_source(generator, data_seed), train_fraction, seed=seed
         )
-        preprocessing.add_task(names[key], source=source, metric_fns=metric_fns, **common)
-    preprocessing.add_mixture(
+        registry.add_task(names[key], source=source, metric_fns=metric_fns, **common)
+    registry.add_mixture(
         names["mixture"],
         [names["cbqa"], names["nli"]],
         default_rate=seqio.mixing_rate_num_examples,

@@ -26,7 +26,7 @@ no data). `register_glue_tasks(train_fraction=..., seed=...)` registers
 subsampled variants named like 'glue_cola_frac0.1' and 'glue_frac0.1'.
 
 The vocabulary is a sentencepiece model given as `vocabulary_path` or, by
-default, $SAM_JAX_SPM_PATH (`preprocessing.benchmark_vocabulary`). Importing
+default, $SAM_JAX_SPM_PATH (`vocabularies.benchmark_vocabulary`). Importing
 this module registers the full-data tasks only if that variable is set (the
 model file is loaded lazily, on first use).
 """
@@ -42,7 +42,8 @@ import seqio
 import tensorflow as tf
 
 from sam_jax.tasks import metrics
-from sam_jax.tasks import preprocessing
+from sam_jax.tasks import tfds_tasks
+from sam_jax.tasks import vocabularies
 
 TFDS_VERSION = "2.0.0"
 MIXTURE = "glue"
@@ -101,7 +102,7 @@ def classification_task(
     feature_names: Sequence[str],
     label_names: Sequence[str],
     metric_fns: Sequence[Callable],
-) -> preprocessing.TfdsTaskSpec:
+) -> tfds_tasks.TfdsTaskSpec:
     """A GLUE-style classification task: `glue_text` text, label-index postprocessor.
 
     Args:
@@ -111,7 +112,7 @@ def classification_task(
       benchmark_name, feature_names, label_names: as in `glue_text`.
       metric_fns: T5's metrics for the task (`tasks.metrics`).
     """
-    return preprocessing.TfdsTaskSpec(
+    return tfds_tasks.TfdsTaskSpec(
         name=name,
         tfds_name=tfds_name,
         split_sizes=split_sizes,
@@ -137,7 +138,7 @@ def _glue(
     label_names: Sequence[str],
     metric_fns: Sequence[Callable] = (metrics.accuracy,),
     benchmark_name: str | None = None,
-) -> preprocessing.TfdsTaskSpec:
+) -> tfds_tasks.TfdsTaskSpec:
     return classification_task(
         name=f"glue_{config}",
         tfds_name=f"glue/{config}:{TFDS_VERSION}",
@@ -175,7 +176,7 @@ GLUE_TASKS = (
         ("not_equivalent", "equivalent"),
         _BINARY_F1_METRICS,
     ),
-    preprocessing.TfdsTaskSpec(
+    tfds_tasks.TfdsTaskSpec(
         name="glue_stsb",
         tfds_name=f"glue/stsb:{TFDS_VERSION}",
         split_sizes={"train": 5749, "validation": 1500},
@@ -234,17 +235,17 @@ def register_glue_tasks(
 
     Returns:
       {'glue_cola': registered name, ..., 'glue': mixture name}; names carry
-      `preprocessing.train_fraction_suffix(train_fraction, seed)`. Remove them
-      with `preprocessing.remove(names.values())`.
+      `subsampling.train_fraction_suffix(train_fraction, seed)`. Remove them
+      with `registry.remove(names.values())`.
     """
-    return preprocessing.register_tfds_tasks(
+    return tfds_tasks.register_tfds_tasks(
         GLUE_TASKS,
         MIXTURE,
-        preprocessing.benchmark_vocabulary(vocabulary, vocabulary_path),
+        vocabularies.benchmark_vocabulary(vocabulary, vocabulary_path),
         train_fraction,
         seed,
     )
 
 
-if preprocessing.spm_path_from_env():
+if vocabularies.spm_path_from_env():
     register_glue_tasks()

@@ -22,11 +22,11 @@ does). Metrics are T5's GLUE metrics (`local.METRICS`, in percent): cola MCC;
 sst2, mnli, qnli, rte, wnli accuracy; mrpc, qqp accuracy and F1; stsb Pearson
 and Spearman correlation. They take label values (class indices or floats).
 
-Registering reads no data (split sizes are known, `known_size_tfds_source`);
+Registering reads no data (split sizes are known, `tfds_tasks.KnownSizeTfdsSource`);
 TFDS is read when a dataset is built. `train_fraction` subsamples the training
-splits as glue.py does (`preprocessing.with_train_fraction`: exact count,
+splits as glue.py does (`subsampling.with_train_fraction`: exact count,
 deterministic in `seed`, nested across fractions; validation is kept whole),
-and the names then carry `preprocessing.train_fraction_suffix`
+and the names then carry `subsampling.train_fraction_suffix`
 ('glue_encoder_rte_frac0.1'). Importing this module registers nothing.
 
 Example:
@@ -55,7 +55,9 @@ import tensorflow as tf
 
 from sam_jax.tasks import glue
 from sam_jax.tasks import local
-from sam_jax.tasks import preprocessing
+from sam_jax.tasks import registry
+from sam_jax.tasks import subsampling
+from sam_jax.tasks import tfds_tasks
 
 PREFIX = "glue_encoder_"
 _MAX_SHUFFLE_BUFFER = 100_000
@@ -169,23 +171,23 @@ def register_config(
 ) -> seqio.Task:
     """Registers one GLUE config as an encoder task (idempotent; reads no data).
 
-    The task is `spec.name` plus `preprocessing.train_fraction_suffix`.
+    The task is `spec.name` plus `subsampling.train_fraction_suffix`.
     """
-    source = preprocessing.known_size_tfds_source(spec.tfds_name, spec.split_sizes)
+    source = tfds_tasks.KnownSizeTfdsSource(spec.tfds_name, spec.split_sizes)
     train_size = spec.split_sizes.get("train", 0)
     if train_size:
-        source = preprocessing.with_train_fraction(source, train_fraction, seed=seed)
-        train_size = preprocessing.num_train_examples(train_size, train_fraction)
+        source = subsampling.with_train_fraction(source, train_fraction, seed=seed)
+        train_size = subsampling.num_train_examples(train_size, train_fraction)
     else:
-        preprocessing.validate_train_fraction(train_fraction)
+        subsampling.validate_train_fraction(train_fraction)
     convert = functools.partial(
         glue_to_encoder,
         fields=spec.fields,
         features=local.TEXT_FEATURES[spec.columns],
         regression=spec.regression,
     )
-    return preprocessing.add_task(
-        spec.name + preprocessing.train_fraction_suffix(train_fraction, seed),
+    return registry.add_task(
+        spec.name + subsampling.train_fraction_suffix(train_fraction, seed),
         source=source,
         preprocessors=[convert, local.tokenize_text, seqio.CacheDatasetPlaceholder()],
         output_features=local.output_features(
@@ -216,13 +218,13 @@ def register_glue_encoder_tasks(
     Returns:
       The registered task names, in `CONFIGS` order, e.g. 'glue_encoder_cola'
       (with the `train_fraction` suffix); remove them with
-      `preprocessing.remove(names)`.
+      `registry.remove(names)`.
 
     Example:
       >>> register_glue_encoder_tasks(vocab, configs=["rte"], train_fraction=0.5, seed=1)
       ['glue_encoder_rte_frac0.5_seed1']
     """
-    preprocessing.validate_train_fraction(train_fraction)
+    subsampling.validate_train_fraction(train_fraction)
     known = {spec.config: spec for spec in CONFIGS}
     wanted = list(known) if configs is None else list(configs)
     unknown = [config for config in wanted if config not in known]

@@ -64,10 +64,13 @@ import numpy as np
 import seqio
 import tensorflow as tf
 
+from sam_jax import errors
 from sam_jax.tasks import metrics as t5_metrics
-from sam_jax.tasks import preprocessing
+from sam_jax.tasks import registry
+from sam_jax.tasks import subsampling
 
 SPLITS = ("train", "validation")
+TOKENIZER_FILE = "tokenizer.json"
 LABEL = "label"
 SINGLE_COLUMNS = ("sentence", LABEL)
 PAIR_COLUMNS = ("sentence1", "sentence2", LABEL)
@@ -297,12 +300,16 @@ def metric_fns(
 
 
 def _vocabulary(vocabulary: seqio.Vocabulary | str | os.PathLike) -> seqio.Vocabulary:
-    """`vocabulary` itself, or an HfVocabulary of a tokenizer.json path (needs `tokenizers`)."""
+    """`vocabulary` itself, or an HfVocabulary (needs `tokenizers`) of a tokenizer.json path
+    or of a directory holding one (a Hugging Face model directory)."""
     if isinstance(vocabulary, seqio.Vocabulary):
         return vocabulary
     from sam_jax.tasks import hf_vocabulary  # pylint: disable=g-import-not-at-top
 
-    return hf_vocabulary.HfVocabulary(vocabulary)
+    path = os.fspath(vocabulary)
+    if os.path.isdir(path):
+        path = os.path.join(path, TOKENIZER_FILE)
+    return hf_vocabulary.HfVocabulary(path)
 
 
 def register_tsv_task(
@@ -314,6 +321,8 @@ def register_tsv_task(
     regression: bool = False,
     metrics: Sequence[str | Callable] | None = None,
     shuffle_buffer_size: int | None = None,
+    train_fraction: float = 1.0,
+    seed: int = 0,
 ) -> seqio.Task:
     """Registers a local TSV directory as the seqio Task `name` (idempotent).
 
@@ -321,12 +330,15 @@ def register_tsv_task(
       name: the task name (re-registering it replaces the old definition).
       directory: holds train.tsv and validation.tsv (see the module docstring).
       vocabulary: a seqio Vocabulary, or the path of a Hugging Face
-        tokenizer.json (then an `HfVocabulary`).
+        tokenizer.json or of a directory holding one (then an `HfVocabulary`).
       num_classes: labels are 0..num_classes-1; None infers it from train.tsv.
       regression: float labels (num_classes must then be None).
       metrics: names from `METRICS` ('accuracy', 'f1', 'mcc', 'pearson',
         'spearman') or metric functions; None for the defaults.
       shuffle_buffer_size: the Task's; default: the training set, up to 100,000.
+      train_fraction: train on this random fraction of train.tsv, in (0, 1]
+        (`subsampling.with_train_fraction`: the same examples for the same seed).
+      seed: selects the training subset.
 
     Returns:
       The registered `seqio.Task`.
@@ -344,21 +356,26 @@ def register_tsv_task(
     files, num_classes = read_task_directory(directory, num_classes, regression)
     columns = files["train"].columns
     sizes = {split: files[split].num_examples for split in SPLITS}
-    source = seqio.TextLineDataSource(
-        {split: files[split].path for split in SPLITS},
-        skip_header_lines=1,
-        num_input_examples=sizes,
+    source = subsampling.with_train_fraction(
+        seqio.TextLineDataSource(
+            {split: files[split].path for split in SPLITS},
+            skip_header_lines=1,
+            num_input_examples=sizes,
+        ),
+        train_fraction,
+        seed,
     )
     parse = functools.partial(
         parse_tsv_line, text_features=TEXT_FEATURES[columns], regression=regression
     )
-    return preprocessing.add_task(
+    return registry.add_task(
         name,
         source=source,
         preprocessors=[parse, tokenize_text, seqio.CacheDatasetPlaceholder()],
         output_features=output_features(_vocabulary(vocabulary), columns, num_classes, regression),
         metric_fns=metric_fns(metrics, num_classes, regression),
-        shuffle_buffer_size=shuffle_buffer_size or min(sizes["train"], _MAX_SHUFFLE_BUFFER),
+        shuffle_buffer_size=shuffle_buffer_size
+        or min(source.num_input_examples("train"), _MAX_SHUFFLE_BUFFER),
     )
 
 
@@ -368,6 +385,7 @@ def task_name(directory: str | os.PathLike) -> str:
     return "local_" + re.sub(r"[^\w.:]", "_", base)
 
 
+@errors.reporting_input_errors
 def tsv_task(
     directory: str,
     vocabulary: seqio.Vocabulary | str,
@@ -375,21 +393,27 @@ def tsv_task(
     num_classes: int | None = None,
     regression: bool = False,
     metrics: Sequence[str] | None = None,
+    train_fraction: float = 1.0,
+    seed: int = 0,
 ) -> str:
     """Registers `directory` as a TSV task and returns its name (for gin).
+
+    Bad input (a missing directory, a malformed file) is an `errors.ConfigError`
+    whose one-line message starts with 'tsv_task: '.
 
     Args:
       directory: the task directory (gin: `%TASK_DIR`).
       vocabulary: a seqio Vocabulary or the path of a tokenizer.json.
-      name: the task name; default `task_name(directory)` ('local_sst2').
-      num_classes, regression, metrics: as in `register_tsv_task`.
+      name: the task name; default `task_name(directory)` ('local_sst2'), with
+        `subsampling.train_fraction_suffix` ('local_sst2_frac0.1_seed0') for a fraction.
+      num_classes, regression, metrics, train_fraction, seed: as in `register_tsv_task`.
 
     Example (gin):
       MIXTURE_OR_TASK_NAME = @local.tsv_task()
       local.tsv_task.directory = %TASK_DIR
       local.tsv_task.vocabulary = %TOKENIZER_JSON
     """
-    name = name or task_name(directory)
+    name = name or task_name(directory) + subsampling.train_fraction_suffix(train_fraction, seed)
     register_tsv_task(
         name,
         directory,
@@ -397,5 +421,7 @@ def tsv_task(
         num_classes=num_classes,
         regression=regression,
         metrics=metrics,
+        train_fraction=train_fraction,
+        seed=seed,
     )
     return name

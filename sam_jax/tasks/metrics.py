@@ -1,21 +1,26 @@
-"""T5's postprocessors and metrics for GLUE, SuperGLUE and closed-book QA.
+"""T5's postprocessors and metrics, for every task of `sam_jax.tasks`.
 
-The benchmark tasks are scored as T5 scores them (Raffel et al., 2020,
+Every task is scored as T5 scores it (Raffel et al., 2020,
 t5/data/postprocessors.py and t5/evaluation/metrics.py; Roberts et al., 2020
-for closed-book QA), so that numbers compare with T5's and with Bahri et al.
-(2022), Tables 1-9:
+for closed-book QA), so that the benchmark numbers compare with T5's and with
+Bahri et al. (2022), Tables 1-9, and the demo tasks are on the same scale:
 
-* Postprocessors map the decoded text back to labels, called by seqio as
-  `postprocess_fn(text, example=..., is_target=...)`. Text that is not a label
-  becomes -1, which never equals a target and counts as wrong.
+* Postprocessors map the decoded text back to what the metrics compare, called
+  by seqio as `postprocess_fn(text, example=..., is_target=...)`. Text that is
+  not a label becomes -1, which never equals a target and counts as wrong.
 * Metrics are seqio metric functions `fn(targets, predictions) -> dict` and, as
   in T5, report percentages (0-100) under T5's keys: 'accuracy', 'f1',
   'matthews_corrcoef', 'pearson_corrcoef', 'spearman_corrcoef',
   'mean_3class_f1', 'exact_match' (MultiRC), 'em'/'f1' (question answering).
-  (The demo tasks' metrics in `tasks/preprocessing.py` report fractions.)
 
 Only numpy and scipy are needed (no TensorFlow, no scikit-learn): MCC, F1 and
 macro-F1 are computed here with scikit-learn's definitions.
+
+Example:
+  >>> accuracy(["entailment", "neutral"], ["entailment", "entailment"])
+  {'accuracy': 50.0}
+  >>> squad([["Paris", "City of Paris"]], ["the city of paris!"])
+  {'em': 100.0, 'f1': 100.0}
 """
 
 from __future__ import annotations
@@ -31,8 +36,6 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
-from sam_jax.tasks import preprocessing
-
 # --------------------------------------------------------------------------- #
 # Postprocessors.
 # --------------------------------------------------------------------------- #
@@ -42,6 +45,14 @@ def _text(value: Any) -> str:
     if isinstance(value, (bytes, bytearray, np.bytes_)):
         return bytes(value).decode("utf-8")
     return str(value)
+
+
+def strip_text(
+    output: Any, example: Mapping[str, Any] | None = None, is_target: bool = False
+) -> str:
+    """Decoded text (str or bytes) without surrounding whitespace (the demo tasks)."""
+    del example, is_target
+    return _text(output).strip()
 
 
 def string_label_to_class_id(
@@ -226,14 +237,39 @@ def multirc_exact_match(targets: Sequence[dict], predictions: Sequence[dict]) ->
 # Question answering: exact match and token F1, maximised over the answers.
 # --------------------------------------------------------------------------- #
 
+_SQUAD_PUNCTUATION = frozenset(string.punctuation)
 _TRIVIA_QA_PUNCTUATION = frozenset(string.punctuation + "‘’´`_")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
-def normalize_trivia_qa(text: Any) -> str:
-    """TriviaQA's normalisation: like SQuAD's, but punctuation becomes spaces."""
-    text = "".join(" " if c in _TRIVIA_QA_PUNCTUATION else c for c in _text(text).lower())
+def _normalize(text: Any, punctuation: frozenset[str], replacement: str) -> str:
+    """Lower case, `punctuation` replaced, articles and extra whitespace removed."""
+    text = "".join(replacement if c in punctuation else c for c in _text(text).lower())
     return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def normalize_squad(text: Any) -> str:
+    """SQuAD's normalisation: lower case, no punctuation, articles or extra spaces.
+
+    Example:
+      >>> normalize_squad("The Jean-Paul  Sartre!")
+      'jeanpaul sartre'
+    """
+    return _normalize(text, _SQUAD_PUNCTUATION, "")
+
+
+def normalize_trivia_qa(text: Any) -> str:
+    """TriviaQA's normalisation: like SQuAD's, but punctuation becomes spaces.
+
+    Both are needed, as in T5: Roberts et al. score TriviaQA with this one and
+    the other QA tasks with SQuAD's, and they differ on punctuation inside
+    words ("Jean-Paul" is "jean paul" here, "jeanpaul" for SQuAD).
+
+    Example:
+      >>> normalize_trivia_qa("The Jean-Paul  Sartre!")
+      'jean paul sartre'
+    """
+    return _normalize(text, _TRIVIA_QA_PUNCTUATION, " ")
 
 
 def _token_f1(target: str, prediction: str) -> float:
@@ -249,23 +285,30 @@ def _token_f1(target: str, prediction: str) -> float:
 
 
 def _qa_scores(
-    targets: Sequence[Sequence[str]], predictions: Sequence[str], normalize: Callable[[Any], str]
+    targets: Sequence[str | Sequence[str]],
+    predictions: Sequence[str],
+    normalize: Callable[[Any], str],
 ) -> dict:
     _check_lengths(targets, predictions)
     exact, f1 = [], []
     for answers, prediction in zip(targets, predictions):
+        if isinstance(answers, (str, bytes)):
+            answers = [answers]
         answers, prediction = [normalize(a) for a in answers], normalize(prediction)
         exact.append(max(float(a == prediction) for a in answers))
         f1.append(max(_token_f1(a, prediction) for a in answers))
     return {"em": 100 * float(np.mean(exact)), "f1": 100 * float(np.mean(f1))}
 
 
-def squad(targets: Sequence[Sequence[str]], predictions: Sequence[str]) -> dict:
-    """EM and F1 after SQuAD normalisation, each the best over a target's answers."""
-    return _qa_scores(targets, predictions, preprocessing.normalize_answer)
+def squad(targets: Sequence[str | Sequence[str]], predictions: Sequence[str]) -> dict:
+    """EM and F1 after SQuAD normalisation, each the best over a target's answers.
+
+    A target is the list of acceptable answers, or a single answer (str).
+    """
+    return _qa_scores(targets, predictions, normalize_squad)
 
 
-def trivia_qa(targets: Sequence[Sequence[str]], predictions: Sequence[str]) -> dict:
+def trivia_qa(targets: Sequence[str | Sequence[str]], predictions: Sequence[str]) -> dict:
     """EM and F1 after TriviaQA normalisation, the best over a target's answers."""
     return _qa_scores(targets, predictions, normalize_trivia_qa)
 

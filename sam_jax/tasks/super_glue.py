@@ -40,7 +40,8 @@ import tensorflow as tf
 
 from sam_jax.tasks import glue
 from sam_jax.tasks import metrics
-from sam_jax.tasks import preprocessing
+from sam_jax.tasks import tfds_tasks
+from sam_jax.tasks import vocabularies
 
 TFDS_VERSION = "1.0.2"
 MIXTURE = "super_glue"
@@ -169,7 +170,7 @@ def wsc_simple_text(dataset: tf.data.Dataset, correct_referent_only: bool) -> tf
 
 def _super_glue(
     config: str, split_sizes, feature_names, label_names=_BOOLEAN_LABELS, metric_fns=None
-) -> preprocessing.TfdsTaskSpec:
+) -> tfds_tasks.TfdsTaskSpec:
     return glue.classification_task(
         name=f"super_glue_{config}",
         tfds_name=f"super_glue/{config}:{TFDS_VERSION}",
@@ -206,7 +207,7 @@ SUPER_GLUE_TASKS = (
         ("choice1", "choice2", "premise", "question"),
         ("choice1", "choice2"),
     ),
-    preprocessing.TfdsTaskSpec(
+    tfds_tasks.TfdsTaskSpec(
         name="super_glue_multirc",
         tfds_name=f"super_glue/multirc:{TFDS_VERSION}",
         split_sizes={"train": 27243, "validation": 4848},
@@ -214,7 +215,7 @@ SUPER_GLUE_TASKS = (
         metric_fns=(metrics.multirc_f1_over_all_answers, metrics.multirc_exact_match),
         postprocess_fn=metrics.multirc,
     ),
-    preprocessing.TfdsTaskSpec(
+    tfds_tasks.TfdsTaskSpec(
         name="super_glue_record",
         tfds_name=f"super_glue/record:{TFDS_VERSION}",
         split_sizes={"train": 100730, "validation": 10000},
@@ -230,14 +231,14 @@ SUPER_GLUE_TASKS = (
         ("entailment", "not_entailment"),
     ),
     _super_glue("wic", {"train": 5428, "validation": 638}, ("sentence1", "sentence2", "word")),
-    preprocessing.TfdsTaskSpec(
+    tfds_tasks.TfdsTaskSpec(
         name="super_glue_wsc_simple_train",
         tfds_name=_WSC_TFDS_NAME,
         split_sizes={"train": 554},
         text_preprocessors=[functools.partial(wsc_simple_text, correct_referent_only=True)],
         train_examples=259,
     ),
-    preprocessing.TfdsTaskSpec(
+    tfds_tasks.TfdsTaskSpec(
         name="super_glue_wsc_simple_eval",
         tfds_name=_WSC_TFDS_NAME,
         split_sizes={"validation": 104},
@@ -260,14 +261,14 @@ def register_super_glue_tasks(
     gives 'super_glue_boolq_frac0.05', ..., 'super_glue_frac0.05' (the 5 %
     setting of Bahri et al., 2022, Table 6).
     """
-    return preprocessing.register_tfds_tasks(
+    return tfds_tasks.register_tfds_tasks(
         SUPER_GLUE_TASKS,
         MIXTURE,
-        preprocessing.benchmark_vocabulary(vocabulary, vocabulary_path),
+        vocabularies.benchmark_vocabulary(vocabulary, vocabulary_path),
         train_fraction,
         seed,
     )
 
 
-if preprocessing.spm_path_from_env():
+if vocabularies.spm_path_from_env():
     register_super_glue_tasks()
