@@ -12,19 +12,30 @@
 * the latest `max_to_keep` steps are kept, plus every step that holds the best
   value of some eval metric: `record_eval` maintains that table in
   `<directory>/best_checkpoints.json` (the papers report best-checkpoint scores)
-  and an orbax preservation policy keeps those steps through garbage collection.
+  and an orbax preservation policy keeps those steps through garbage collection;
+* a step may also hold each process's input-iterator position (T5X's
+  `train_ds`), saved synchronously with the state so that it is exactly the
+  position after the step's batches, and kept or deleted with the step.
+
+A step directory holds `default/` (the state: orbax's single-item name, so
+checkpoints written before iterator positions were saved still restore) and,
+if saved with an iterator, `train_ds/process_<i>-of-<n>/`.
 
 Example::
 
   checkpointer = Checkpointer("/tmp/run1/checkpoints", max_to_keep=3)
-  if checkpointer.latest_step() is not None:
+  step = checkpointer.latest_step()
+  if step is not None:
       state = checkpointer.restore(abstract_state)
+      if checkpointer.has_iterator(step):
+          checkpointer.restore_iterator(batches, step)
   ...
-  checkpointer.save(step, state)
+  checkpointer.save(step, state, iterator=batches)
   checkpointer.record_eval(step, {"demo_nli/accuracy": 0.81, "demo_nli/loss": 0.52})
   checkpointer.close()
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -32,12 +43,18 @@ from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
+from typing import Protocol
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import linen as nn
 
 BEST_CHECKPOINTS_FILE = "best_checkpoints.json"
+# The orbax items of a step: the state (orbax's name for a single item, as
+# earlier versions saved it alone) and the processes' input-iterator positions.
+STATE_ITEM = "default"
+ITERATOR_ITEM = "train_ds"
 
 
 class Best(NamedTuple):
@@ -75,6 +92,50 @@ class PreserveSteps(ocp.checkpoint_managers.PreservationPolicy):
         del context
         steps = self._steps_fn()
         return [info.step in steps for info in checkpoints]
+
+
+class SavableIterator(Protocol):
+    """An iterator whose position can be written to and read from a directory.
+
+    `sam_jax.data.TrainBatches` is one.
+    """
+
+    def save(self, directory: str) -> None: ...
+
+    def restore(self, directory: str) -> None: ...
+
+
+def process_directory_name() -> str:
+    """This process's sub-directory of an iterator item: 'process_<i>-of-<n>'."""
+    return f"process_{jax.process_index()}-of-{jax.process_count()}"
+
+
+class IteratorHandler(ocp.CheckpointHandler):
+    """An orbax handler that saves every process's iterator position, each in its directory.
+
+    Synchronous: `save` returns once the position is written, so the iterator may
+    advance right after `CheckpointManager.save` returns.
+    """
+
+    def save(self, directory: epath.Path, args: "IteratorArgs") -> None:
+        path = directory / process_directory_name()
+        path.mkdir(parents=True, exist_ok=False)
+        args.iterator.save(path.as_posix())
+
+    def restore(self, directory: epath.Path, args: "IteratorArgs") -> SavableIterator:
+        args.iterator.restore((directory / process_directory_name()).as_posix())
+        return args.iterator
+
+    def metadata(self, directory: epath.Path) -> None:
+        del directory
+
+
+@ocp.args.register_with_handler(IteratorHandler, for_save=True, for_restore=True)
+@dataclasses.dataclass
+class IteratorArgs(ocp.args.CheckpointArgs):
+    """The iterator to save, or to restore into (in place)."""
+
+    iterator: SavableIterator
 
 
 def _check_unboxed(tree: Any, name: str) -> None:
@@ -142,7 +203,14 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             create=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={
+                STATE_ITEM: ocp.StandardCheckpointHandler(),
+                ITERATOR_ITEM: IteratorHandler(),
+            },
+        )
 
     def __enter__(self) -> "Checkpointer":
         return self
@@ -154,16 +222,25 @@ class Checkpointer:
         """The latest complete checkpoint's step, or None if there is none."""
         return self._manager.latest_step()
 
-    def save(self, step: int, state: Any, *, force: bool = False) -> None:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        force: bool = False,
+        iterator: SavableIterator | None = None,
+    ) -> None:
         """Saves `state` as `step` (asynchronously unless `async_save=False`).
 
         A step at or before the latest saved one is skipped unless `force`; an
-        existing step is never overwritten.
+        existing step is never overwritten. Every process must call it.
 
         Args:
           step: the training step.
           state: a pytree of arrays (NamedTuples, dicts, optax states), unboxed.
           force: save even if orbax's save decision would skip this step.
+          iterator: this process's input iterator, whose position is saved before
+            `save` returns (call it at the same step on every process).
 
         Raises:
           TypeError: if `state` still has Flax `LogicallyPartitioned` boxes.
@@ -171,7 +248,10 @@ class Checkpointer:
             is already saved.
         """
         _check_unboxed(state, "state")
-        self._manager.save(int(step), args=ocp.args.StandardSave(state), force=force)
+        items = {STATE_ITEM: ocp.args.StandardSave(state)}
+        if iterator is not None:
+            items[ITERATOR_ITEM] = IteratorArgs(iterator)
+        self._manager.save(int(step), args=ocp.args.Composite(**items), force=force)
 
     def restore(self, abstract_state: Any, step: int | None = None) -> Any:
         """Restores a saved state into the structure, dtypes and shardings of a target.
@@ -199,7 +279,40 @@ class Checkpointer:
             raise FileNotFoundError(
                 f"No checkpoint for step {step} in {self.directory}; saved steps: {sorted(steps)}."
             )
-        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+        restore = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
+        return self._manager.restore(step, args=restore)[STATE_ITEM]
+
+    def has_iterator(self, step: int) -> bool:
+        """Whether `step` holds this process's iterator position.
+
+        False for checkpoints saved without an iterator (e.g. by earlier versions)
+        or by a run with another number of processes.
+        """
+        return os.path.isdir(self.iterator_directory(step))
+
+    def iterator_directory(self, step: int) -> str:
+        """Where `step` holds this process's iterator position (if it has one)."""
+        return os.path.join(self.directory, str(step), ITERATOR_ITEM, process_directory_name())
+
+    def restore_iterator(self, iterator: SavableIterator, step: int) -> None:
+        """Moves `iterator` to its position saved at `step` (every process must call it).
+
+        Args:
+          iterator: this process's iterator, built as the saved one was.
+          step: a saved step.
+
+        Raises:
+          FileNotFoundError: if `step` holds no position of this process
+            (`has_iterator(step)` is False).
+        """
+        self.wait_until_finished()
+        if not self.has_iterator(step):
+            raise FileNotFoundError(
+                f"The checkpoint of step {step} in {self.directory} holds no input-iterator "
+                f"position of {process_directory_name()}."
+            )
+        restore = ocp.args.Composite(**{ITERATOR_ITEM: IteratorArgs(iterator)})
+        self._manager.restore(step, args=restore)
 
     def record_eval(self, step: int, metrics: Mapping[str, float]) -> dict[str, Best]:
         """Records eval metrics of `step`; keeps the best value of each one.

@@ -17,6 +17,15 @@ run::
   )
   batch = next(batches)  # {"encoder_input_tokens": int32 [32, 64], ...}
 
+Skipping reads the k batches (O(k)). The returned `TrainBatches` instead saves
+its position, the tf.data iterator's state with the batches tf.data prefetched,
+and restores it in O(1); `sam_jax.checkpoints.Checkpointer` saves it with every
+checkpoint (T5X's `train_ds`)::
+
+  batches.save(directory)  # an existing directory
+  resumed = train_batches("demo_mixture", ...)  # the same arguments, no start_step
+  resumed.restore(directory)  # next(resumed) is next(batches)
+
 Evaluation reads every sub-task of a mixture that has metrics, unshuffled, into
 padded batches with an `example_mask`, along with the targets that seqio metric
 functions take: the postprocessed `targets` text of a text-to-text task, or the
@@ -26,6 +35,7 @@ Tasks and mixtures must be registered first (`import sam_jax.tasks` for this pro
 """
 
 import difflib
+import os
 from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import Any
@@ -56,6 +66,13 @@ EXAMPLE_MASK = "example_mask"
 LABEL = "label"
 
 _MAX_NAMES_LISTED = 40
+# Training batches tf.data prepares ahead of the one the trainer reads (they are
+# part of the saved iterator state).
+PREFETCH_BATCHES = 2
+# The file prefix of a saved iterator state in its directory (tf.train.Checkpoint files).
+ITERATOR_CHECKPOINT = "iterator"
+# Next to it: the input shard the position is of ('shard_<i>-of-<n>').
+SHARD_FILE = "input_shard"
 
 
 def registered_names() -> list[str]:
@@ -84,10 +101,76 @@ def get_mixture_or_task(name: str) -> seqio.Task | seqio.Mixture:
     )
 
 
-def _deterministic(ds: tf.data.Dataset) -> tf.data.Dataset:
+def _deterministic(ds: tf.data.Dataset, *, keep_noops: bool = False) -> tf.data.Dataset:
+    """`ds` with a deterministic order; `keep_noops` keeps e.g. `skip(0)` in the graph.
+
+    tf.data's `noop_elimination` removes `skip(0)`, and an iterator state saved from
+    a pipeline with `skip(k)` then no longer restores into the same pipeline built
+    with `skip(0)`.
+    """
     options = tf.data.Options()
     options.deterministic = True
+    if keep_noops:
+        options.experimental_optimization.noop_elimination = False
     return ds.with_options(options)
+
+
+class TrainBatches(Iterator[dict[str, np.ndarray]]):
+    """An iterator of numpy training batches whose position can be saved and restored.
+
+    The position is the tf.data iterator's state, prefetched batches included,
+    written with `tf.train.Checkpoint` (as T5X saves `train_ds` with its
+    checkpoints). Restore only into the pipeline of the same `train_batches`
+    arguments (`start_step` aside).
+
+    Example::
+
+      batches = train_batches("demo_mixture", sequence_length=..., global_batch_size=8, seed=0)
+      next(batches)
+      batches.save(directory)
+      resumed = train_batches("demo_mixture", sequence_length=..., global_batch_size=8, seed=0)
+      resumed.restore(directory)  # next(resumed) is next(batches)
+    """
+
+    def __init__(self, ds: tf.data.Dataset, shard: str):
+        """Iterates over `ds`, the batches of input shard `shard` ('shard_<i>-of-<n>')."""
+        self._iterator = iter(ds)
+        self._checkpoint = tf.train.Checkpoint(ds=self._iterator)
+        self.shard = shard
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        return {key: value.numpy() for key, value in next(self._iterator).items()}
+
+    def save(self, directory: str) -> None:
+        """Writes the position, and the input shard it is of, to `directory` (which must exist)."""
+        self._checkpoint.write(os.path.join(directory, ITERATOR_CHECKPOINT))
+        with open(os.path.join(directory, SHARD_FILE), "w", encoding="utf-8") as f:
+            f.write(self.shard)
+
+    @staticmethod
+    def saved_shard(directory: str) -> str | None:
+        """The input shard whose position `directory` holds, or None if it holds none."""
+        path = os.path.join(directory, SHARD_FILE)
+        if not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
+    def restore(self, directory: str) -> None:
+        """Continues from the position saved in `directory`.
+
+        Raises:
+          tf.errors.OpError: (e.g. NotFoundError) for a missing state or one saved
+            from another pipeline.
+        """
+        self._checkpoint.read(os.path.join(directory, ITERATOR_CHECKPOINT)).assert_consumed()
+
+
+def input_shard(shard_id: int | None = None, num_shards: int | None = None) -> str:
+    """The name of an input shard, 'shard_<i>-of-<n>' (default: this process's of all)."""
+    shard_id = jax.process_index() if shard_id is None else shard_id
+    num_shards = jax.process_count() if num_shards is None else num_shards
+    return f"shard_{shard_id}-of-{num_shards}"
 
 
 def train_batches(
@@ -101,8 +184,12 @@ def train_batches(
     split: str = "train",
     shard_id: int | None = None,
     num_shards: int | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+) -> TrainBatches:
     """An endless, deterministic iterator over this process's training batches.
+
+    tf.data prefetches `PREFETCH_BATCHES` batches in its threads, so the host
+    prepares input while the devices compute. Resume with `start_step` (O(start_step):
+    the skipped batches are read) only where `TrainBatches.restore` (O(1)) cannot.
 
     Args:
       mixture_or_task_name: a registered seqio Task or Mixture.
@@ -145,8 +232,8 @@ def train_batches(
     feature_converter = feature_converter or seqio.EncDecFeatureConverter(pack=False)
     ds = feature_converter(ds, dict(sequence_length))
     ds = ds.batch(global_batch_size // num_shards, drop_remainder=True)
-    ds = _deterministic(ds.skip(start_step))
-    return ds.as_numpy_iterator()
+    ds = _deterministic(ds.skip(start_step), keep_noops=True)
+    return TrainBatches(ds.prefetch(PREFETCH_BATCHES), input_shard(shard_id, num_shards))
 
 
 class EvalTask(NamedTuple):

@@ -29,19 +29,19 @@ The run writes checkpoints, TensorBoard summaries, `metrics.jsonl`,
 `curves.png` and `config.gin` in MODEL_DIR, evaluates every task of the
 mixture with its seqio metrics every EVAL_PERIOD steps and records the best
 checkpoint per task-metric. Rerunning the same command resumes from the latest
-checkpoint; SIGTERM or SIGINT saves a checkpoint and stops. Invalid input stops
-with a one-line error before anything is written.
+checkpoint (and the input position saved with it); SIGTERM or SIGINT saves a
+checkpoint and stops (in a multi-process run, a signal to any process stops all
+of them at the same step: see `StopSignals`). Invalid input stops with a
+one-line error before anything is written.
 """
 
 import importlib
 import logging as std_logging
 import os
-import queue
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -49,7 +49,6 @@ from typing import NamedTuple
 
 import gin
 import jax
-import numpy as np
 import optax
 from absl import app
 from absl import flags
@@ -116,19 +115,43 @@ class TrainResult(NamedTuple):
 class StopSignals:
     """Turns SIGTERM and SIGINT into a request to checkpoint and stop (a context manager).
 
-    A second SIGINT interrupts at once. In a multi-process run a signal seen by
-    any process stops all of them at the same step.
-    """
+    One process: either signal sets a flag that `stop_requested` reads (no
+    collective); a second SIGINT interrupts at once.
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    Several processes: SIGTERM is JAX's preemption notice. The notifier that
+    `jax.distributed.initialize` installs catches it on any process, the
+    processes agree in the background on the next step all of them will reach,
+    and `stop_requested` (`multihost_utils.reached_preemption_sync_point`) is
+    True at that step on every process. No Python SIGTERM handler is installed
+    (it would replace JAX's). SIGINT (Ctrl-C) on any process is forwarded to that
+    process as a SIGTERM, so it stops all of them the same way; a second SIGINT
+    interrupts that process at once (the others fail once JAX notices it is
+    gone). This needs JAX's preemption service (`jax_enable_preemption_service`,
+    on by default); without it `stop_requested` raises JAX's RuntimeError.
+
+    Example::
+
+      with StopSignals() as stop:
+          for step in range(start + 1, end + 1):
+              state = train_step(state)
+              if stop.stop_requested(step):
+                  save(step, state)
+                  break
+    """
 
     def __init__(self):
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
 
+    @staticmethod
+    def multi_process() -> bool:
+        """Whether the run has several processes (stops go through JAX's preemption sync)."""
+        return jax.process_count() > 1
+
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
+            signums = (signal.SIGINT,) if self.multi_process() else (signal.SIGTERM, signal.SIGINT)
+            for signum in signums:
                 self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -145,16 +168,24 @@ class StopSignals:
         logging.warning(
             "Received %s: saving a checkpoint, then stopping.", signal.Signals(signum).name
         )
+        if self.multi_process():
+            os.kill(os.getpid(), signal.SIGTERM)  # JAX's preemption notifier takes it from here
 
-    def stop_requested(self) -> bool:
-        """Whether any process received a signal (a collective in multi-process runs)."""
-        local = self.received is not None
-        if jax.process_count() == 1:
-            return local
-        return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+    def stop_requested(self, step: int) -> bool:
+        """Whether to checkpoint and stop after `step`; True at the same step on every process.
+
+        Call it after every step, on every process, with consecutive steps.
+        """
+        if not self.multi_process():
+            return self.received is not None
+        if not multihost_utils.reached_preemption_sync_point(step):
+            return False
+        self.received = self.received or signal.SIGTERM  # a notice on some process
+        return True
 
     @property
     def name(self) -> str | None:
+        """The signal's name ('SIGTERM' for a preemption notice another process received)."""
         return None if self.received is None else signal.Signals(self.received).name
 
 
@@ -163,44 +194,39 @@ class StopSignals:
 # --------------------------------------------------------------------------- #
 
 
-def prefetch(iterator: Iterator[Any], size: int = 2) -> Iterator[Any]:
-    """Reads up to `size` items of `iterator` ahead in a background thread.
+def resume_batches(
+    checkpointer: checkpoints.Checkpointer, step: int, **kwargs
+) -> data.TrainBatches:
+    """This process's training batches from `step` on: `data.train_batches(**kwargs)`.
 
-    The host prepares the next batches while the devices run the current step.
-    The order is unchanged; an exception of `iterator` is re-raised by `next`.
-    The thread stops when the returned generator is closed or collected.
+    From a checkpoint, the iterator continues from its saved position (O(1)). A
+    checkpoint without the position of this process's input shard (saved before
+    positions were saved, or by a run with another number of processes or another
+    data layout) is resumed by skipping `step` batches, O(step), with a warning:
+    the data never restarts from the beginning.
+
+    Example::
+
+      batches = resume_batches(checkpointer, 120, mixture_or_task_name="demo_mixture",
+                               sequence_length=..., global_batch_size=8, seed=0)
     """
-    items: queue.Queue = queue.Queue(maxsize=size)
-    stopped = threading.Event()
-    end = object()
-
-    def put(item) -> bool:
-        while not stopped.is_set():
-            try:
-                items.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce():
-        try:
-            for item in iterator:
-                if not put(item):
-                    return
-        except Exception as error:  # handed to the consumer
-            put(error)
-            return
-        put(end)
-
-    threading.Thread(target=produce, daemon=True, name="prefetch").start()
-    try:
-        while (item := items.get()) is not end:
-            if isinstance(item, Exception):
-                raise item
-            yield item
-    finally:
-        stopped.set()
+    if step == 0:
+        return data.train_batches(**kwargs)
+    shard = data.input_shard(kwargs.get("shard_id"), kwargs.get("num_shards"))
+    saved = data.TrainBatches.saved_shard(checkpointer.iterator_directory(step))
+    if saved == shard:
+        batches = data.train_batches(**kwargs)
+        checkpointer.restore_iterator(batches, step)
+        return batches
+    logging.warning(
+        "The checkpoint of step %d has no input position of this process's %s (it has %s: "
+        "an older checkpoint, another process count or data layout): skipping %d batches.",
+        step,
+        shard,
+        saved,
+        step,
+    )
+    return data.train_batches(**kwargs, start_step=step)
 
 
 # --------------------------------------------------------------------------- #
@@ -562,17 +588,16 @@ def train(
             if eval_only:
                 run_eval(start_step)
             else:
-                batches = prefetch(
-                    data.train_batches(
-                        mixture_or_task_name,
-                        sequence_length=sequence_length,
-                        global_batch_size=batch_size,
-                        seed=seed,
-                        feature_converter=feature_converter,
-                        start_step=start_step,
-                        shard_id=partitioner.data_layout.shard_id,
-                        num_shards=partitioner.data_layout.num_shards,
-                    )
+                batches = resume_batches(
+                    checkpointer,
+                    start_step,
+                    mixture_or_task_name=mixture_or_task_name,
+                    sequence_length=sequence_length,
+                    global_batch_size=batch_size,
+                    seed=seed,
+                    feature_converter=feature_converter,
+                    shard_id=partitioner.data_layout.shard_id,
+                    num_shards=partitioner.data_layout.num_shards,
                 )
                 saved_step = start_step
                 while step < final_step:
@@ -583,15 +608,15 @@ def train(
                     step += 1
                     tokens = model.count_tokens(local_batch) * partitioner.data_layout.num_shards
                     writer.train_step(step, metrics, examples=batch_size, tokens=tokens)
-                    stopping = stop.stop_requested()
+                    stopping = stop.stop_requested(step)
                     evaluating = step % eval_period == 0 or step == final_step
                     if evaluating and not stopping:
                         writer.flush(step)
-                        checkpointer.save(step, state, force=True)
+                        checkpointer.save(step, state, force=True, iterator=batches)
                         saved_step = step
                         run_eval(step)
                     elif stopping or step % checkpoint_period == 0:
-                        checkpointer.save(step, state, force=True)
+                        checkpointer.save(step, state, force=True, iterator=batches)
                         saved_step = step
                     if stopping:
                         logging.warning(
@@ -603,7 +628,7 @@ def train(
                         break
                 writer.flush(step)
                 if saved_step != step:
-                    checkpointer.save(step, state, force=True)
+                    checkpointer.save(step, state, force=True, iterator=batches)
         checkpointer.wait_until_finished()
     finally:
         checkpointer.close()

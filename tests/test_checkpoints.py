@@ -205,3 +205,63 @@ def test_an_interrupted_save_leaves_the_previous_checkpoint(tmp_path, sharded, m
         restarted.save(2, state)  # the step can be saved again
         assert restarted.latest_step() == 2
     assert not [p for p in os.listdir(tmp_path) if "orbax-checkpoint-tmp" in p]
+
+
+# --- Input-iterator positions -----------------------------------------------------------
+
+
+class CountingIterator:
+    """A `SavableIterator` over 0, 1, 2, ... whose position is a JSON file."""
+
+    def __init__(self):
+        self.position = 0
+
+    def __next__(self):
+        self.position += 1
+        return self.position - 1
+
+    def save(self, directory):
+        with open(os.path.join(directory, "position.json"), "w") as f:
+            json.dump(self.position, f)
+
+    def restore(self, directory):
+        with open(os.path.join(directory, "position.json")) as f:
+            self.position = json.load(f)
+
+
+def test_the_iterator_position_is_saved_with_its_step_and_collected_with_it(tmp_path, sharded):
+    abstract, state = sharded
+    iterator = CountingIterator()
+    with Checkpointer(tmp_path, max_to_keep=2) as checkpointer:  # asynchronous saves
+        for step in (1, 2, 3):
+            next(iterator)
+            checkpointer.save(step, state, iterator=iterator)
+            next(iterator)  # read right after `save` returns: not in the saved position
+        checkpointer.wait_until_finished()
+        assert [checkpointer.has_iterator(step) for step in (1, 2, 3)] == [False, True, True]
+        resumed = CountingIterator()
+        checkpointer.restore_iterator(resumed, 2)
+        assert next(resumed) == 3
+        _assert_identical(checkpointer.restore(abstract, step=2), state)
+    assert _steps_on_disk(tmp_path) == [2, 3]
+    assert os.path.isdir(tmp_path / "3" / "train_ds" / "process_0-of-1")
+    assert os.path.isdir(tmp_path / "3" / "default")  # the state, where earlier versions put it
+
+
+def test_a_checkpoint_without_an_iterator_position_restores_its_state_only(tmp_path, sharded):
+    """A step saved by an earlier version (state only, as orbax's single item) still restores."""
+    abstract, state = sharded
+    with ocp.CheckpointManager(tmp_path) as manager:
+        manager.save(4, args=ocp.args.StandardSave(state))
+    with Checkpointer(tmp_path) as checkpointer:
+        assert checkpointer.latest_step() == 4 and not checkpointer.has_iterator(4)
+        _assert_identical(checkpointer.restore(abstract), state)
+        with pytest.raises(FileNotFoundError, match="step 4 .* no input-iterator position"):
+            checkpointer.restore_iterator(CountingIterator(), 4)
+        iterator = CountingIterator()
+        next(iterator)
+        checkpointer.save(5, state, iterator=iterator)  # new steps in the same directory
+        checkpointer.wait_until_finished()
+        resumed = CountingIterator()
+        checkpointer.restore_iterator(resumed, 5)
+        assert resumed.position == 1

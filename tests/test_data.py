@@ -134,6 +134,78 @@ def test_train_batches_are_deterministic_in_the_seed_and_resume_exactly(small_mi
     assert inputs == set(_small_task_inputs("alpha")) | set(_small_task_inputs("beta"))
 
 
+@pytest.fixture(scope="module")
+def counted_task():
+    """(name, reads): a 40-example task; `reads` lists every example its source yields."""
+    reads = []
+
+    def count(inputs):
+        reads.append(inputs)
+        return inputs
+
+    def dataset_fn(split, shuffle_files, seed=None):
+        del split, shuffle_files, seed
+        inputs = _small_task_inputs("counted")
+        ds = tf.data.Dataset.from_tensor_slices({"inputs": inputs, "targets": inputs})
+        return ds.map(
+            lambda ex: {
+                **ex,
+                "inputs": tf.ensure_shape(
+                    tf.numpy_function(count, [ex["inputs"]], tf.string, stateful=False), []
+                ),
+            }
+        )
+
+    # Without `num_input_examples` seqio does not cache the small split in memory: every
+    # epoch reads the source again.
+    source = seqio.FunctionDataSource(dataset_fn, splits=["train"])
+    registry.add_task(
+        "test_data_counted",
+        source=source,
+        output_features=demo.OUTPUT_FEATURES,
+        preprocessors=list(demo.PREPROCESSORS),
+        shuffle_buffer_size=16,
+    )
+    yield "test_data_counted", reads
+    registry.remove(["test_data_counted"])
+
+
+def test_a_restored_iterator_continues_without_reading_the_data_again(counted_task, tmp_path):
+    name, reads = counted_task
+    fresh = _take(_batches(name), 25)
+    saved = _batches(name)
+    _take(saved, 20)
+    saved.save(str(tmp_path))
+
+    reads.clear()
+    resumed = _batches(name)
+    resumed.restore(str(tmp_path))
+    _assert_same_batches(_take(resumed, 5), fresh[20:])
+    # The restored shuffle and prefetch buffers hold the next examples: the source is read
+    # only to refill them (the 5 batches read here and the 2 prefetched), not for the 160
+    # examples of the first 20 batches.
+    assert len(reads) <= 7 * 8
+    reads.clear()
+    skipped = _batches(name, start_step=20)  # the fallback for positions never saved
+    _assert_same_batches(_take(skipped, 5), fresh[20:])
+    assert len(reads) >= 25 * 8
+
+
+def test_a_position_saved_after_a_skip_restores_into_a_pipeline_without_one(
+    small_mixture, tmp_path
+):
+    """A run resumed by skipping (an old checkpoint) saves positions the next resume restores."""
+    fresh = _take(_batches(small_mixture), 9)
+    skipped = _batches(small_mixture, start_step=4)
+    _take(skipped, 2)
+    skipped.save(str(tmp_path))
+    resumed = _batches(small_mixture)
+    resumed.restore(str(tmp_path))
+    _assert_same_batches(_take(resumed, 3), fresh[6:])
+    with pytest.raises(tf.errors.NotFoundError):
+        _batches(small_mixture).restore(str(tmp_path / "missing"))
+
+
 def test_packed_batches_hold_several_examples_per_row(small_mixture):
     # Rows long enough for several of these examples (their words are byte pieces).
     batch = next(

@@ -7,13 +7,12 @@ persistent compilation cache, so a function compiled once (a resumed run, the
 same step in another run) loads from disk.
 """
 
-import itertools
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import jax
@@ -27,10 +26,12 @@ pytest.importorskip("seqio")
 
 import minilm  # noqa: E402
 from multiprocess_harness import REPO_DIR  # noqa: E402
+from multiprocess_harness import RESULT_PREFIX  # noqa: E402
 from multiprocess_harness import launch_processes  # noqa: E402
 from multiprocess_harness import process_env  # noqa: E402
 
 from sam_jax import config as run_config  # noqa: E402
+from sam_jax import data  # noqa: E402
 from sam_jax import summaries  # noqa: E402
 from sam_jax import tasks  # noqa: E402, F401  (registers the demo tasks)
 from sam_jax import train  # noqa: E402
@@ -153,8 +154,26 @@ def test_cli_trains_evaluates_records_the_best_and_resumes(one_device_run, compi
     assert [r["step"] for r in history if "train" in r] == [1, 2, 3, 4]
 
 
-def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, compilation_cache):
-    """FSAM with dropout: SIGTERM at step 2 saves; the same command continues to step 5."""
+def spy_start_steps(patch):
+    """Records the `start_step` of every `data.train_batches` call (0 when not given)."""
+    start_steps = []
+    train_batches = data.train_batches
+
+    def spy(*args, **kwargs):
+        start_steps.append(kwargs.get("start_step", 0))
+        return train_batches(*args, **kwargs)
+
+    patch.setattr(data, "train_batches", spy)
+    return start_steps
+
+
+def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, caplog, compilation_cache):
+    """FSAM with dropout: SIGTERM at step 2 saves; the same command continues to step 5.
+
+    The resumed run restores the input iterator's saved position (it skips no batch);
+    from a checkpoint without one (an earlier version's), or with the position of
+    another input shard, it skips 2 batches and warns.
+    """
     args = RUN_ARGS + [
         "--gin_file=sam/fsam.gin",
         "--gin.MASK_INTERVAL=2",
@@ -174,23 +193,42 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, compila
             os.kill(os.getpid(), signal.SIGTERM)
 
     interrupted = str(tmp_path / "interrupted")
-    command = args + [f"--gin.MODEL_DIR='{interrupted}'"]
     with monkeypatch.context() as patch:
         patch.setattr(summaries.Summaries, "train_step", sigterm_at_step_2)
-        stopped = cli(command)
+        stopped = cli(args + [f"--gin.MODEL_DIR='{interrupted}'"])
     assert (stopped.step, stopped.stopped_by) == (2, "SIGTERM")
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed
-    saved = os.listdir(os.path.join(interrupted, train.CHECKPOINTS_SUBDIR))
-    assert [name for name in saved if name.isdigit()] == ["2"]
+    checkpoints = os.path.join(interrupted, train.CHECKPOINTS_SUBDIR)
+    assert [name for name in os.listdir(checkpoints) if name.isdigit()] == ["2"]
+    assert os.path.isdir(os.path.join(checkpoints, "2", "train_ds", "process_0-of-1"))
+    # An earlier version's checkpoint: the state without the input position.
+    old_format = str(tmp_path / "old_format")
+    shutil.copytree(interrupted, old_format)
+    shutil.rmtree(os.path.join(old_format, train.CHECKPOINTS_SUBDIR, "2", "train_ds"))
+    # A position of another data layout (as if saved by a run with 2 input shards).
+    other_layout = str(tmp_path / "other_layout")
+    shutil.copytree(interrupted, other_layout)
+    position = os.path.join(
+        other_layout, train.CHECKPOINTS_SUBDIR, "2", "train_ds", "process_0-of-1"
+    )
+    assert train.data.TrainBatches.saved_shard(position) == "shard_0-of-1"
+    write(os.path.join(position, train.data.SHARD_FILE), "shard_0-of-2")
 
-    resumed = cli(command)
-    assert (resumed.step, resumed.stopped_by) == (5, None)
-    assert max_difference(final_params(interrupted, 5), final_params(uninterrupted, 5)) <= 1e-6
-    assert resumed.eval == pytest.approx(result.eval, rel=1e-6)
-    history = summaries.read_history(interrupted)
-    train_records = [r for r in history if "train" in r]
-    assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5]
-    assert all(r["train"]["train/sam/rho"] == pytest.approx(0.15) for r in train_records)
+    for model_dir, start_step in ((interrupted, 0), (old_format, 2), (other_layout, 2)):
+        caplog.clear()
+        with monkeypatch.context() as patch:
+            start_steps = spy_start_steps(patch)
+            resumed = cli(args + [f"--gin.MODEL_DIR='{model_dir}'"])
+        assert start_steps == [start_step]  # 0: restored, not skipped
+        skipping = "has no input position of this process's shard_0-of-1" in caplog.text
+        assert skipping == (start_step > 0)
+        assert (resumed.step, resumed.stopped_by) == (5, None)
+        assert max_difference(final_params(model_dir, 5), final_params(uninterrupted, 5)) <= 1e-6
+        assert resumed.eval == pytest.approx(result.eval, rel=1e-6)
+        history = summaries.read_history(model_dir)
+        train_records = [r for r in history if "train" in r]
+        assert [r["step"] for r in train_records] == [1, 2, 3, 4, 5]
+        assert all(r["train"]["train/sam/rho"] == pytest.approx(0.15) for r in train_records)
 
 
 def test_sharded_run_equals_the_one_device_run(tmp_path, one_device_run):
@@ -230,6 +268,99 @@ def test_two_processes_train_like_one(tmp_path, one_device_run, compilation_cach
         env=compilation_cache,
     )
     assert "task/metric" in outputs[0].stdout and "task/metric" not in outputs[1].stdout
+    reference = final_params(one_device_run[0], 3)
+    assert max_difference(final_params(model_dir, 3), reference) <= 1e-5
+
+
+# Longer than JAX's preemption notifier takes to see a SIGTERM (it polls every second)
+# and the processes to agree on the step to stop at.
+PREEMPTION_NOTICE_SECONDS = 4
+
+
+def stop_worker(args, signal_name, process_id, step):
+    """Runs in each process: the CLI; `signal_name` goes to process `process_id` after `step`.
+
+    Every process waits for each step's result, so none runs ahead, and the signalled
+    one then waits for JAX's preemption notifier: the processes agree to stop after
+    the largest step any of them has checked, plus one (here `step` or `step + 1`).
+    """
+    record_step = summaries.Summaries.train_step
+
+    def signal_after_step(self, current, metrics, **kwargs):
+        record_step(self, current, metrics, **kwargs)
+        jax.block_until_ready(metrics)
+        if jax.process_index() == process_id and current == step:
+            os.kill(os.getpid(), signal.Signals[signal_name])
+            time.sleep(PREEMPTION_NOTICE_SECONDS)
+
+    summaries.Summaries.train_step = signal_after_step
+    result = cli(args)
+    return {"step": result.step, "stopped_by": result.stopped_by}
+
+
+@pytest.mark.parametrize("signal_name, process_id", [("SIGTERM", 1), ("SIGINT", 0)])
+def test_a_signal_to_one_process_stops_both_at_the_same_step(
+    tmp_path, one_device_run, compilation_cache, signal_name, process_id
+):
+    """Two processes (mesh data 1 x model 4), one signalled after step 1: both stop at the
+    step JAX's preemption sync point gives and save it; the rerun resumes from it."""
+    model_dir = str(tmp_path)
+    args = RUN_ARGS + SAM_ARGS + ["--gin.NUM_PARTITIONS=4", f"--gin.MODEL_DIR='{model_dir}'"]
+    payload = json.dumps(
+        {"args": args, "signal_name": signal_name, "process_id": process_id, "step": 1}
+    )
+    outputs = launch_processes(
+        lambda pid, coordinator: [
+            sys.executable,
+            "-m",
+            "multiprocess_harness",
+            "test_train:stop_worker",
+            coordinator,
+            "2",
+            str(pid),
+            payload,
+        ],
+        num_processes=2,
+        devices_per_process=2,
+        timeout=400,
+        env=compilation_cache,
+    )
+    results = [
+        json.loads(line.removeprefix(RESULT_PREFIX))
+        for out in outputs
+        for line in out.stdout.splitlines()
+        if line.startswith(RESULT_PREFIX)
+    ]
+    stop_step = results[0]["step"]
+    assert stop_step in (1, 2)  # before TRAIN_STEPS = 3
+    # A preemption notice another process received is reported as SIGTERM.
+    assert results == [
+        {"step": stop_step, "stopped_by": signal_name if pid == process_id else "SIGTERM"}
+        for pid in range(2)
+    ]
+    checkpoints = os.path.join(model_dir, train.CHECKPOINTS_SUBDIR)
+    assert [name for name in os.listdir(checkpoints) if name.isdigit()] == [str(stop_step)]
+    for pid in range(2):
+        position = os.path.join(checkpoints, str(stop_step), "train_ds", f"process_{pid}-of-2")
+        assert os.path.isdir(position)
+
+    rerun = launch_processes(
+        lambda pid, coordinator: [
+            sys.executable,
+            "-m",
+            "sam_jax.train",
+            *args,
+            f"--coordinator_address={coordinator}",
+            "--num_processes=2",
+            f"--process_id={pid}",
+        ],
+        num_processes=2,
+        devices_per_process=2,
+        timeout=400,
+        env=compilation_cache,
+    )
+    assert f"Restoring the checkpoint of step {stop_step}" in rerun[0].stderr
+    assert not any("has no input position" in out.stderr for out in rerun)
     reference = final_params(one_device_run[0], 3)
     assert max_difference(final_params(model_dir, 3), reference) <= 1e-5
 
@@ -303,30 +434,6 @@ def test_missing_model_dir_is_a_one_line_error_of_the_command(compilation_cache)
     assert out.stderr.strip().splitlines()[-1] == (
         "error: MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\"."
     )
-
-
-def test_prefetch_keeps_the_order_reraises_and_stops_when_closed():
-    assert list(train.prefetch(iter(range(10)), size=3)) == list(range(10))
-
-    def failing():
-        yield 1
-        raise RuntimeError("input pipeline failed")
-
-    batches = train.prefetch(failing())
-    assert next(batches) == 1
-    with pytest.raises(RuntimeError, match="input pipeline failed"):
-        next(batches)
-
-    def endless():
-        yield from itertools.count()
-
-    batches = train.prefetch(endless(), size=2)
-    assert [next(batches) for _ in range(3)] == [0, 1, 2]
-    batches.close()
-    deadline = time.monotonic() + 5
-    while any(t.name == "prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not any(t.name == "prefetch" for t in threading.enumerate())
 
 
 def test_eval_gin_evaluates_the_latest_checkpoint_and_trains_nothing(one_device_run, tmp_path):
