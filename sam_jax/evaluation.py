@@ -1,7 +1,10 @@
 """Evaluation of a task model on seqio tasks: eval loss and seqio metrics of its predictions."""
 
+import functools
 from collections.abc import Callable
+from collections.abc import Mapping
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -9,6 +12,7 @@ from jax.experimental import multihost_utils
 
 from sam_jax import data
 from sam_jax import partitioning
+from sam_jax import trainer as trainer_lib
 from sam_jax.models import task_models
 
 
@@ -61,3 +65,39 @@ def evaluate(
                 results[f"{task.name}/{name}"] = float(value)
         results[f"{task.name}/loss"] = loss_sum / max(examples, 1.0)
     return results
+
+
+def make_evaluator(
+    trainer: trainer_lib.Trainer,
+    partitioner: partitioning.Partitioner,
+    param_shardings,
+    eval_tasks: Sequence[data.EvalTask],
+    sequence_length: Mapping[str, int],
+) -> Callable[[Any], dict[str, float]]:
+    """`evaluate(params)` of a run: `evaluate` with the trainer's steps partitioned.
+
+    Example::
+
+      evaluate = make_evaluator(setup.trainer, setup.partitioner,
+                                setup.state_shardings.params, eval_tasks, {"inputs": 64})
+      results = evaluate(state.params)  # {'local_sst2/accuracy': ..., 'local_sst2/loss': ...}
+    """
+    model = trainer.model
+    eval_step = partitioner.partition(
+        trainer.eval_step,
+        in_shardings=(param_shardings, partitioner.data_sharding()),
+        out_shardings=partitioner.replicated(),
+    )
+    predict = partitioner.partition(
+        lambda params, batch: model.predict(params, batch, sequence_length),
+        in_shardings=(param_shardings, partitioner.data_sharding()),
+        out_shardings=partitioner.data_sharding(),
+    )
+    return functools.partial(
+        evaluate,
+        eval_tasks,
+        model=model,
+        partitioner=partitioner,
+        eval_step=eval_step,
+        predict=predict,
+    )

@@ -452,45 +452,22 @@ def train(
     Raises:
       config.ConfigError: for invalid input, before anything is written to `model_dir`.
     """
-    # Validate everything before anything is written.
-    config.check(bool(model_dir), "MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\".")
-    config.check(bool(mixture_or_task_name), "MIXTURE_OR_TASK_NAME is not set.")
-    config.check(
-        model is not None, "No model: add a model gin file, e.g. gin/models/t5_1_1/tiny.gin."
-    )
-    required_lengths = set(model.task_feature_lengths)
-    config.check(
-        isinstance(train_steps, int) and train_steps >= 0,
-        f"TRAIN_STEPS must be an integer ≥ 0, got {train_steps!r}.",
-    )
-    for name, value in (
-        ("checkpoint_period", checkpoint_period),
-        ("eval_period", eval_period),
-        ("log_period", log_period),
-        ("keep_checkpoints", keep_checkpoints),
-        ("num_microbatches", num_microbatches),
-    ):
-        config.check(
-            isinstance(value, int) and value >= 1, f"{name} must be an integer ≥ 1, got {value!r}."
-        )
-    config.check(
-        sequence_length is not None and required_lengths <= set(sequence_length),
-        f"TASK_FEATURE_LENGTHS must give {sorted(required_lengths)} for "
-        f"{type(model).__name__}, got {sequence_length!r}.",
-    )
-    config.check(
-        not initial_checkpoint_path
-        or "://" in initial_checkpoint_path
-        or os.path.exists(initial_checkpoint_path),
-        f"INITIAL_CHECKPOINT_PATH {initial_checkpoint_path} does not exist.",
+    _check_arguments(
+        model_dir=model_dir,
+        mixture_or_task_name=mixture_or_task_name,
+        model=model,
+        train_steps=train_steps,
+        sequence_length=sequence_length,
+        initial_checkpoint_path=initial_checkpoint_path,
+        checkpoint_period=checkpoint_period,
+        eval_period=eval_period,
+        log_period=log_period,
+        keep_checkpoints=keep_checkpoints,
+        num_microbatches=num_microbatches,
     )
     try:
         mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
         model = model.for_task(mixture_or_task)
-        feature_converter = model.feature_converter(mixture_or_task, pack)
-    except ValueError as error:
-        raise config.ConfigError(config.one_line(error)) from error
-    try:
         setup = setup_training(
             model=model,
             optimizer=optimizer,
@@ -503,30 +480,32 @@ def train(
             seed=seed,
         )
         setup.partitioner.check_batch_size(eval_batch_size)
-        eval_tasks = data.eval_tasks(
-            mixture_or_task_name,
+        evaluate = evaluation.make_evaluator(
+            setup.trainer,
+            setup.partitioner,
+            setup.state_shardings.params,
+            data.eval_tasks(
+                mixture_or_task_name,
+                sequence_length=sequence_length,
+                batch_size=eval_batch_size,
+                split=eval_split,
+                max_examples=max_eval_examples,
+                feature_converter=model.feature_converter(mixture_or_task, pack=False),
+            ),
+            sequence_length,
+        )
+        batch_arguments = dict(
+            mixture_or_task_name=mixture_or_task_name,
             sequence_length=sequence_length,
-            batch_size=eval_batch_size,
-            split=eval_split,
-            max_examples=max_eval_examples,
-            feature_converter=model.feature_converter(mixture_or_task, pack=False),
+            global_batch_size=batch_size,
+            seed=seed,
+            feature_converter=model.feature_converter(mixture_or_task, pack),
+            shard_id=setup.partitioner.data_layout.shard_id,
+            num_shards=setup.partitioner.data_layout.num_shards,
         )
     except (ValueError, TypeError) as error:
         raise config.ConfigError(config.one_line(error)) from error
-    trainer, partitioner, state_shardings = setup.trainer, setup.partitioner, setup.state_shardings
-    logging.info("%s; %s", partitioner, model)
-
-    # Compiled functions (besides the train step).
-    eval_step = partitioner.partition(
-        trainer.eval_step,
-        in_shardings=(state_shardings.params, partitioner.data_sharding()),
-        out_shardings=partitioner.replicated(),
-    )
-    predict = partitioner.partition(
-        lambda params, batch: model.predict(params, batch, sequence_length),
-        in_shardings=(state_shardings.params, partitioner.data_sharding()),
-        out_shardings=partitioner.data_sharding(),
-    )
+    logging.info("%s; %s", setup.partitioner, model)
 
     is_chief = jax.process_index() == 0
     checkpoint_dir = os.path.join(model_dir, CHECKPOINTS_SUBDIR)
@@ -536,44 +515,13 @@ def train(
     )
     checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)
     try:
-        start_step = checkpointer.latest_step()
-        if eval_only:
-            config.check(
-                start_step is not None, f"eval_only: no checkpoint in {model_dir} to evaluate."
-            )
-        if start_step is None and initial_checkpoint_path:
-            logging.info("Starting from the pre-trained %s.", initial_checkpoint_path)
-            state = pretrained_state(setup, initial_checkpoint_path, setup.init_key)
-            start_step = 0
-        elif start_step is None:
-            state, start_step = setup.init_state(), 0
-        else:
-            logging.info("Restoring the checkpoint of step %d from %s.", start_step, model_dir)
-            state = checkpointer.restore(setup.abstract_state, step=start_step)
+        state, start_step = start_state(
+            setup, checkpointer, initial_checkpoint_path, eval_only, model_dir
+        )
         if is_chief:
             with open(os.path.join(model_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
                 f.write(gin.config_str())
-
-        last_eval: dict[str, float] = {}
-        best = checkpointer.best()
-
-        def run_eval(step: int) -> None:
-            nonlocal last_eval, best
-            with writer.paused():
-                last_eval = evaluation.evaluate(
-                    eval_tasks,
-                    state.params,
-                    model=model,
-                    partitioner=partitioner,
-                    eval_step=eval_step,
-                    predict=predict,
-                )
-                writer.eval(step, last_eval)
-                logging.info("Step %d eval: %s", step, last_eval)
-                best = checkpointer.record_eval(step, last_eval)
-
         final_step = start_step if eval_only else max(train_steps, start_step)
-        step = start_step
         with (
             summaries.Summaries(
                 model_dir,
@@ -585,58 +533,28 @@ def train(
             ) as writer,
             StopSignals() as stop,
         ):
+            loop = TrainLoop(
+                setup,
+                checkpointer,
+                writer,
+                evaluate,
+                batch_size=batch_size,
+                eval_period=eval_period,
+                checkpoint_period=checkpoint_period,
+            )
             if eval_only:
-                run_eval(start_step)
+                loop.evaluate(start_step, state)
             else:
-                batches = resume_batches(
-                    checkpointer,
-                    start_step,
-                    mixture_or_task_name=mixture_or_task_name,
-                    sequence_length=sequence_length,
-                    global_batch_size=batch_size,
-                    seed=seed,
-                    feature_converter=feature_converter,
-                    shard_id=partitioner.data_layout.shard_id,
-                    num_shards=partitioner.data_layout.num_shards,
-                )
-                saved_step = start_step
-                while step < final_step:
-                    local_batch = next(batches)
-                    state, metrics = setup.train_step(
-                        state, partitioner.global_batch(local_batch), setup.dropout_key
-                    )
-                    step += 1
-                    tokens = model.count_tokens(local_batch) * partitioner.data_layout.num_shards
-                    writer.train_step(step, metrics, examples=batch_size, tokens=tokens)
-                    stopping = stop.stop_requested(step)
-                    evaluating = step % eval_period == 0 or step == final_step
-                    if evaluating and not stopping:
-                        writer.flush(step)
-                        checkpointer.save(step, state, force=True, iterator=batches)
-                        saved_step = step
-                        run_eval(step)
-                    elif stopping or step % checkpoint_period == 0:
-                        checkpointer.save(step, state, force=True, iterator=batches)
-                        saved_step = step
-                    if stopping:
-                        logging.warning(
-                            "Stopped by %s at step %d; the checkpoint is saved: rerun the same "
-                            "command to resume.",
-                            stop.name,
-                            step,
-                        )
-                        break
-                writer.flush(step)
-                if saved_step != step:
-                    checkpointer.save(step, state, force=True, iterator=batches)
+                batches = resume_batches(checkpointer, start_step, **batch_arguments)
+                state, step = loop.run(state, start_step, final_step, batches, stop)
         checkpointer.wait_until_finished()
     finally:
         checkpointer.close()
 
     result = TrainResult(
-        step=step,
-        eval=last_eval,
-        best=best,
+        step=start_step if eval_only else step,
+        eval=loop.last_eval,
+        best=loop.best,
         seconds_per_step=writer.seconds_per_step(),
         stopped_by=stop.name,
     )
@@ -647,6 +565,152 @@ def train(
             title=f"{mixture_or_task_name} ({model_dir})",
         )
     return result
+
+
+def _check_arguments(
+    *,
+    model_dir,
+    mixture_or_task_name,
+    model,
+    train_steps,
+    sequence_length,
+    initial_checkpoint_path,
+    **positive_integers,
+) -> None:
+    """`train`'s checks of its arguments alone (ConfigError), before anything is read."""
+    config.check(bool(model_dir), "MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\".")
+    config.check(bool(mixture_or_task_name), "MIXTURE_OR_TASK_NAME is not set.")
+    config.check(
+        model is not None, "No model: add a model gin file, e.g. gin/models/t5_1_1/tiny.gin."
+    )
+    config.check(
+        isinstance(train_steps, int) and train_steps >= 0,
+        f"TRAIN_STEPS must be an integer ≥ 0, got {train_steps!r}.",
+    )
+    for name, value in positive_integers.items():
+        config.check(
+            isinstance(value, int) and value >= 1, f"{name} must be an integer ≥ 1, got {value!r}."
+        )
+    required_lengths = set(model.task_feature_lengths)
+    config.check(
+        sequence_length is not None and required_lengths <= set(sequence_length),
+        f"TASK_FEATURE_LENGTHS must give {sorted(required_lengths)} for "
+        f"{type(model).__name__}, got {sequence_length!r}.",
+    )
+    config.check(
+        not initial_checkpoint_path
+        or "://" in initial_checkpoint_path
+        or os.path.exists(initial_checkpoint_path),
+        f"INITIAL_CHECKPOINT_PATH {initial_checkpoint_path} does not exist.",
+    )
+
+
+def start_state(
+    setup: TrainSetup,
+    checkpointer: checkpoints.Checkpointer,
+    initial_checkpoint_path: str | None,
+    eval_only: bool,
+    model_dir: str,
+) -> tuple[trainer_lib.TrainState, int]:
+    """(state, step) a run starts from: its latest checkpoint, else the pre-trained or a fresh one.
+
+    Raises:
+      config.ConfigError: `eval_only` without a checkpoint, or a bad pre-trained checkpoint.
+    """
+    step = checkpointer.latest_step()
+    config.check(
+        not eval_only or step is not None, f"eval_only: no checkpoint in {model_dir} to evaluate."
+    )
+    if step is not None:
+        logging.info("Restoring the checkpoint of step %d from %s.", step, model_dir)
+        return checkpointer.restore(setup.abstract_state, step=step), step
+    if initial_checkpoint_path:
+        logging.info("Starting from the pre-trained %s.", initial_checkpoint_path)
+        return pretrained_state(setup, initial_checkpoint_path, setup.init_key), 0
+    return setup.init_state(), 0
+
+
+class TrainLoop:
+    """The training loop of a run: steps, summaries, checkpoints, evaluations, stops.
+
+    Attributes:
+      last_eval: the latest evaluation ({'<task>/<metric>': value}).
+      best: the best value of every task-metric and its step (`Checkpointer.best`).
+    """
+
+    def __init__(
+        self,
+        setup: TrainSetup,
+        checkpointer: checkpoints.Checkpointer,
+        writer: summaries.Summaries,
+        evaluate: Callable[[Any], dict[str, float]],
+        *,
+        batch_size: int,
+        eval_period: int,
+        checkpoint_period: int,
+    ):
+        """Args: the run's setup, checkpointer and summaries; `evaluate(params)`
+        (`evaluation.make_evaluator`); global examples per step; the periods."""
+        self.setup, self.checkpointer, self.writer = setup, checkpointer, writer
+        self._evaluate = evaluate
+        self.batch_size = batch_size
+        self.eval_period, self.checkpoint_period = eval_period, checkpoint_period
+        self.last_eval: dict[str, float] = {}
+        self.best = checkpointer.best()
+
+    def evaluate(self, step: int, state: trainer_lib.TrainState) -> None:
+        """Evaluates `state` (summaries paused), records it and the best checkpoints."""
+        with self.writer.paused():
+            self.last_eval = self._evaluate(state.params)
+            self.writer.eval(step, self.last_eval)
+            logging.info("Step %d eval: %s", step, self.last_eval)
+            self.best = self.checkpointer.record_eval(step, self.last_eval)
+
+    def run(
+        self,
+        state: trainer_lib.TrainState,
+        step: int,
+        final_step: int,
+        batches: data.TrainBatches,
+        stop: StopSignals,
+    ) -> tuple[trainer_lib.TrainState, int]:
+        """Trains from `step` to `final_step` (or a stop signal); returns (state, step).
+
+        Saves a checkpoint, with the input position, every checkpoint period, at
+        every evaluation (every eval period and the last step) and at a stop.
+        """
+        eval_period, checkpoint_period = self.eval_period, self.checkpoint_period
+        setup, checkpointer = self.setup, self.checkpointer
+        partitioner, model = setup.partitioner, setup.trainer.model
+        saved_step = step
+        while step < final_step:
+            local_batch = next(batches)
+            state, metrics = setup.train_step(
+                state, partitioner.global_batch(local_batch), setup.dropout_key
+            )
+            step += 1
+            tokens = model.count_tokens(local_batch) * partitioner.data_layout.num_shards
+            self.writer.train_step(step, metrics, examples=self.batch_size, tokens=tokens)
+            stopping = stop.stop_requested(step)
+            evaluating = (step % eval_period == 0 or step == final_step) and not stopping
+            if evaluating or stopping or step % checkpoint_period == 0:
+                self.writer.flush(step)
+                checkpointer.save(step, state, force=True, iterator=batches)
+                saved_step = step
+            if evaluating:
+                self.evaluate(step, state)
+            if stopping:
+                logging.warning(
+                    "Stopped by %s at step %d; the checkpoint is saved: rerun the same command "
+                    "to resume.",
+                    stop.name,
+                    step,
+                )
+                break
+        self.writer.flush(step)
+        if saved_step != step:
+            checkpointer.save(step, state, force=True, iterator=batches)
+        return state, step
 
 
 def final_table(result: TrainResult) -> str:
