@@ -31,7 +31,7 @@ Example::
           checkpointer.restore_iterator(batches, step)
   ...
   checkpointer.save(step, state, iterator=batches)
-  checkpointer.record_eval(step, {"demo_nli/accuracy": 0.81, "demo_nli/loss": 0.52})
+  checkpointer.record_eval(step, {"demo_nli/accuracy": 81.0, "demo_nli/loss": 0.52})
   checkpointer.close()
 """
 

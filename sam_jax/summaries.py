@@ -16,7 +16,7 @@ Example::
       for step in range(1, 301):
           state, metrics = train_step(state, batch, key)
           summaries.train_step(step, metrics, examples=128, tokens=10_000)
-      summaries.eval(300, {"demo_nli/accuracy": 0.61})
+      summaries.eval(300, {"demo_nli/accuracy": 61.0})
   plot_history(read_history(model_dir), os.path.join(model_dir, "curves.png"))
 """
 
@@ -219,7 +219,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], title: st
 
     Example::
 
-      print(format_table(["task", "accuracy"], [["demo_nli", 0.61]]))
+      print(format_table(["task", "accuracy"], [["demo_nli", 61.0]]))
     """
 
     def cell(value):
