@@ -43,6 +43,7 @@ from sam_jax import encoder_features
 from sam_jax import errors
 from sam_jax.models import bert
 from sam_jax.models import t5
+from sam_jax.tasks import local
 
 Batch = Mapping[str, jax.Array]
 MixtureOrTask = seqio.Task | seqio.Mixture
@@ -72,7 +73,6 @@ BERT_SHAPE_FIELDS = (
     "embedding_size",
     "num_hidden_groups",
 )
-TOKENIZER_FILE = "tokenizer.json"
 # Pre-training heads of Hugging Face checkpoints (BERT, RoBERTa, ELECTRA, ALBERT), which
 # fine-tuning a classifier drops.
 PRETRAINING_HEADS = (
@@ -127,6 +127,12 @@ class TaskModel(Protocol):
         """Non-padding tokens of a host batch (for throughput)."""
 
 
+def _normalize_dtype(model) -> None:
+    """Makes a frozen task model's `config.dtype` a numpy dtype (gin passes names: 'bfloat16')."""
+    config = dataclasses.replace(model.config, dtype=jnp.dtype(model.config.dtype))
+    object.__setattr__(model, "config", config)
+
+
 def _tasks(mixture_or_task: MixtureOrTask) -> list[seqio.Task]:
     if isinstance(mixture_or_task, seqio.Mixture):
         return list(mixture_or_task.tasks)
@@ -177,9 +183,7 @@ class EncoderDecoderModel:
     task_feature_lengths = ("inputs", "targets")
 
     def __post_init__(self):
-        object.__setattr__(
-            self, "config", dataclasses.replace(self.config, dtype=jnp.dtype(self.config.dtype))
-        )
+        _normalize_dtype(self)
 
     @functools.cached_property
     def module(self) -> t5.Transformer:
@@ -330,9 +334,7 @@ class EncoderClassifierModel:
     task_feature_lengths = ("inputs",)
 
     def __post_init__(self):
-        object.__setattr__(
-            self, "config", dataclasses.replace(self.config, dtype=jnp.dtype(self.config.dtype))
-        )
+        _normalize_dtype(self)
 
     @classmethod
     def from_checkpoint_config(cls, model_dir: str, **overrides: Any) -> "EncoderClassifierModel":
@@ -350,7 +352,7 @@ class EncoderClassifierModel:
             raise FileNotFoundError(f"{model_dir} has no config.json (a Hugging Face directory).")
         with open(path, encoding="utf-8") as f:
             config = bert.BertConfig.from_hf(json.load(f), **overrides)
-        tokenizer = os.path.join(model_dir, TOKENIZER_FILE)
+        tokenizer = os.path.join(model_dir, local.TOKENIZER_FILE)
         return cls(config, tokenizer_file=tokenizer if os.path.isfile(tokenizer) else None)
 
     @functools.cached_property
@@ -388,7 +390,7 @@ class EncoderClassifierModel:
             raise ValueError(
                 f"{task.name}'s vocabulary has {vocabulary.vocab_size} ids but the encoder's "
                 f"vocab_size is {self.config.vocab_size}: tokenize the task with the checkpoint's "
-                f"{TOKENIZER_FILE}."
+                f"{local.TOKENIZER_FILE}."
             )
         if self.tokenizer_file is None:
             return
@@ -397,7 +399,7 @@ class EncoderClassifierModel:
         if vocabulary != hf_vocabulary.HfVocabulary(self.tokenizer_file):
             raise ValueError(
                 f"{task.name} is tokenized with {vocabulary}, not the checkpoint's "
-                f"{self.tokenizer_file}: register the task with that {TOKENIZER_FILE}."
+                f"{self.tokenizer_file}: register the task with that {local.TOKENIZER_FILE}."
             )
 
     def feature_converter(
