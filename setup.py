@@ -57,7 +57,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "sam_jax_train = sam_jax.train:main",
-            "sam_jax_compare = sam_jax.compare:main",
+            "sam_jax_reproduce = sam_jax.reproduce:main",
         ]
     },
     license="Apache-2.0",

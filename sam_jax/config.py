@@ -21,6 +21,7 @@ from sam_jax.errors import ConfigError
 from sam_jax.errors import one_line
 from sam_jax.models import t5
 from sam_jax.models import task_models
+from sam_jax.tasks import demo
 from sam_jax.tasks import local
 
 
@@ -86,6 +87,7 @@ for _fn, _module in (
     (task_models.encoder_decoder, "sam_jax.models.task_models"),
     (task_models.encoder_classifier, "sam_jax.models.task_models"),
     (local.tsv_task, "sam_jax.tasks.local"),
+    (demo.mixture, "sam_jax.tasks.demo"),
 ):
     gin.external_configurable(_fn, module=_module)
 

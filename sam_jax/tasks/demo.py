@@ -318,4 +318,13 @@ def register_demo_tasks(
     return names
 
 
+def mixture(train_fraction: float = 1.0, seed: int = 0) -> str:
+    """Registers the demo tasks and returns the mixture's name (gin: `@demo.mixture()`).
+
+    gin/tasks/demo.gin binds it with TRAIN_FRACTION and SEED, as
+    `local.tsv_task` is for a local task.
+    """
+    return register_demo_tasks(train_fraction, seed)["mixture"]
+
+
 DEMO_TASK_NAMES = register_demo_tasks()

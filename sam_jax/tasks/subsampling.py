@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,6 +78,14 @@ def train_fraction_suffix(train_fraction: float = 1.0, seed: int = 0) -> str:
         return ""
     suffix = f"_frac{fraction:g}"
     return suffix if seed == 0 else f"{suffix}_seed{seed}"
+
+
+def without_train_fraction_suffix(name: str) -> str:
+    """'demo_nli_frac0.05_seed1' -> 'demo_nli': undoes `train_fraction_suffix`."""
+    return _SUFFIX.sub("", name)
+
+
+_SUFFIX = re.compile(r"_frac[0-9.e+-]+(_seed[0-9]+)?$")
 
 
 class TrainFractionSource(seqio.DataSource):

@@ -1,0 +1,230 @@
+"""Tests of sam_jax.reproduce: the protocol checks, the grid, and a whole grid on tiny settings."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("seqio")
+
+from sam_jax import reproduce  # noqa: E402
+from sam_jax import train as train_lib  # noqa: E402
+from sam_jax.errors import ConfigError  # noqa: E402
+from sam_jax.tasks import registry  # noqa: E402
+
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The demo protocol on one-layer T5s, 3 steps of batch 8, 16 eval examples: seconds per run.
+TINY_RUNS = (
+    "reproduce.protocol.run_bindings = {'BATCH_SIZE': 8, "
+    "'t5_1_1_config.num_encoder_layers': 1, 't5_1_1_config.num_decoder_layers': 1, "
+    "'train.max_eval_examples': 16, 'train.progress_bar': False}"
+)
+
+
+def tiny_grid(output_dir, *extra):
+    return [
+        TINY_RUNS,
+        "VARIANTS = ['plain', 'sam']",
+        "SEEDS = [0, 1]",
+        "TRAIN_FRACTIONS = [0.05]",
+        "TRAIN_STEPS = 3",
+        f"OUTPUT_DIR = '{output_dir}'",
+        *extra,
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _unregister():
+    yield
+    registry.remove(
+        [f"demo_{n}_frac0.05{s}" for n in ("cbqa", "nli", "mixture") for s in ("", "_seed1")]
+    )
+
+
+def test_the_grid_is_tasks_by_variants_by_fractions_by_seeds(tmp_path):
+    protocol = reproduce.parse_protocol(
+        [reproduce.DEFAULT_PROTOCOL],
+        tiny_grid(tmp_path, "TRAIN_FRACTIONS = [0.05, 0.5]", "EVALUATIONS = 2"),
+    )
+    runs = reproduce.grid(protocol)
+    assert [run.key for run in runs[:4]] == [
+        "demo/plain/frac0.05/seed0",
+        "demo/plain/frac0.05/seed1",
+        "demo/plain/frac0.5/seed0",
+        "demo/plain/frac0.5/seed1",
+    ]
+    assert len(runs) == 8
+    sam = runs[4]
+    assert sam.gin_files == ("runs/demo.gin", "sam/sam.gin")
+    assert runs[0].gin_files == ("runs/demo.gin",)
+    assert sam.model_dir == os.path.join(str(tmp_path), "demo/sam/frac0.05/seed0")
+    bindings = dict(b.split(" = ", 1) for b in sam.bindings)
+    assert bindings["SEED"] == "0" and bindings["TRAIN_FRACTION"] == "0.05"
+    assert bindings["TRAIN_STEPS"] == "3" and bindings["BATCH_SIZE"] == "8"
+    assert bindings["EVAL_PERIOD"] == bindings["CHECKPOINT_PERIOD"] == "2"  # ceil(3 / 2)
+    assert bindings["MODEL_DIR"] == repr(sam.model_dir)
+
+
+def test_sweeps_label_the_variants_by_what_varies(tmp_path):
+    protocol = reproduce.parse_protocol(
+        [reproduce.DEFAULT_PROTOCOL],
+        tiny_grid(
+            tmp_path,
+            "VARIANTS = ['plain', 'delta_sam']",
+            "SEEDS = [0]",
+            "reproduce.protocol.sweeps = {'delta_sam': {'RHO': [0.01, 0.05], 'ETA': [1e-4]}}",
+        ),
+    )
+    runs = reproduce.grid(protocol)
+    assert [run.variant for run in runs] == ["plain", "delta_sam(RHO=0.01)", "delta_sam(RHO=0.05)"]
+    assert runs[1].hyperparameters == {"RHO": 0.01, "ETA": 1e-4}
+    assert "RHO = 0.01" in runs[1].bindings and "ETA = 0.0001" in runs[1].bindings
+    assert runs[2].key == "demo/delta_sam_RHO=0.05/frac0.05/seed0"
+
+
+@pytest.mark.parametrize(
+    ("binding", "message"),
+    [
+        ("VARIANTS = ['plain', 'sma']", r"unknown variant 'sma'.*Did you mean \['sam'"),
+        ("VARIANTS = []", "VARIANTS is empty"),
+        ("SEEDS = []", "SEEDS is empty"),
+        ("SEEDS = [0, 0]", "SEEDS must be distinct integers"),
+        ("TRAIN_FRACTIONS = [0]", r"TRAIN_FRACTIONS must be in \(0, 1\], got 0"),
+        ("TRAIN_FRACTIONS = [1.5]", r"TRAIN_FRACTIONS must be in \(0, 1\], got 1.5"),
+        ("TRAIN_STEPS = 0", "TRAIN_STEPS must be ≥ 1, got 0"),
+        ("EVALUATIONS = 0", "EVALUATIONS must be ≥ 1"),
+        ("ANALYSES = ['hessian']", r"unknown analyses \['hessian'\]"),
+        ("reproduce.protocol.sweeps = {'fsam': {'RHO': [0.1]}}", r"sweeps of \['fsam'\]"),
+    ],
+)
+def test_bad_protocols_are_one_line_errors_before_anything_is_written(tmp_path, binding, message):
+    output_dir = tmp_path / "grid"
+    with pytest.raises(ConfigError, match=message) as error:
+        reproduce.parse_protocol([reproduce.DEFAULT_PROTOCOL], tiny_grid(output_dir, binding))
+    assert "\n" not in error.value.message
+    assert not output_dir.exists()
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    with pytest.raises(ConfigError, match="is a file; give a directory"):
+        reproduce.parse_protocol([reproduce.DEFAULT_PROTOCOL], tiny_grid(path))
+
+
+@pytest.fixture(scope="module")
+def finished_grid(tmp_path_factory):
+    """The 2-variant × 2-seed demo grid, run once in process."""
+    output_dir = str(tmp_path_factory.mktemp("grid"))
+    protocol = reproduce.parse_protocol([reproduce.DEFAULT_PROTOCOL], tiny_grid(output_dir))
+    records = reproduce.run_grid(protocol)
+    yield protocol, records
+    registry.remove(
+        [f"demo_{n}_frac0.05{s}" for n in ("cbqa", "nli", "mixture") for s in ("", "_seed1")]
+    )
+
+
+def test_every_run_gives_one_record_per_eval_task(finished_grid):
+    protocol, records = finished_grid
+    assert len(records) == 8  # 2 variants × 2 seeds × 2 eval tasks (the mixture's)
+    assert {(r["variant"], r["seed"], r["task"]) for r in records} == {
+        (v, s, t) for v in ("plain", "sam") for s in (0, 1) for t in ("demo_cbqa", "demo_nli")
+    }
+    for r in records:
+        assert r["train_fraction"] == 0.05 and r["steps"] == 3
+        assert r["run"] == f"demo/{r['variant']}/frac0.05/seed{r['seed']}"
+        assert r["wall_seconds"] > r["seconds_per_step"] > 0
+        assert r["tokens_per_second"] > 0
+        expected = {"em", "f1", "loss"} if r["task"] == "demo_cbqa" else {"accuracy", "loss"}
+        assert set(r["final"]) == set(r["best"]) == set(r["best_step"]) == expected
+    saved = json.loads(open(os.path.join(protocol.output_dir, "results.json")).read())
+    assert saved["records"] == records
+    assert saved["protocol"]["train_steps"] == 3
+
+
+def test_runs_differ_by_seed_and_variant(finished_grid):
+    _, records = finished_grid
+    losses = {
+        (r["variant"], r["seed"]): r["final"]["loss"] for r in records if r["task"] == "demo_nli"
+    }
+    assert len(set(losses.values())) == 4
+
+
+def test_the_report_and_plots(finished_grid):
+    protocol, records = finished_grid
+    report = open(os.path.join(protocol.output_dir, "results.md"), encoding="utf-8").read()
+    assert report.startswith("# demo (tiny T5.1.1, batch 16): 4 runs of 3 steps")
+    for task in ("demo_cbqa", "demo_nli"):
+        assert f"### {task}, train fraction 0.05" in report
+        for name in (f"fraction_{task}.png", f"curves_{task}_frac0.05.png"):
+            with open(os.path.join(protocol.output_dir, name), "rb") as f:
+                assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    nli = [r for r in records if r["task"] == "demo_nli"]
+    plain = sorted(r["final"]["accuracy"] for r in nli if r["variant"] == "plain")
+    mean = sum(plain) / 2
+    assert f"| plain | 2 | {mean:.2f} ± " in report
+    assert "Paired difference against plain (same seeds):" in report
+
+
+def test_a_rerun_trains_nothing_and_rewrites_the_report(finished_grid, monkeypatch):
+    protocol, records = finished_grid
+    monkeypatch.setattr(train_lib, "train", lambda: pytest.fail("a finished run was retrained"))
+    os.remove(os.path.join(protocol.output_dir, "results.md"))
+    assert reproduce.run_grid(protocol) == records
+    assert os.path.exists(os.path.join(protocol.output_dir, "results.md"))
+
+
+def test_a_rerun_with_other_record_settings_is_refused(finished_grid):
+    protocol, _ = finished_grid
+    with pytest.raises(ConfigError, match="holds runs with train_steps = 3, not 4"):
+        reproduce.run_grid(protocol._replace(train_steps=4))
+
+
+def test_a_damaged_results_file_is_named(tmp_path):
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="results.json is not a results file"):
+        reproduce.read_results(str(tmp_path))
+
+
+def _cli(output_dir, *extra):
+    args = [f"--gin_bindings={b}" for b in tiny_grid(output_dir, *extra)]
+    return [sys.executable, "-m", "sam_jax.reproduce", *args]
+
+
+@pytest.mark.slow
+def test_an_interrupted_grid_resumes_without_rerunning_finished_runs(tmp_path):
+    """SIGTERM while the second run trains; the rerun skips the first and resumes the second."""
+    output_dir = tmp_path / "grid"
+    # 60 steps, one evaluation: the signal lands while the second run trains (its first
+    # metrics are written at step 10); the trainer saves that step's checkpoint.
+    command = _cli(output_dir, "TRAIN_STEPS = 60", "EVALUATIONS = 1", "SEEDS = [0]")
+    process = subprocess.Popen(
+        command, cwd=REPO_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    results = output_dir / "results.json"
+    second = output_dir / "demo" / "sam" / "frac0.05" / "seed0"
+    deadline = time.time() + 300
+    while not (second / "metrics.jsonl").exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == reproduce.STOPPED_EXIT_CODE, output
+    assert "demo/sam/frac0.05/seed0 was stopped by SIGTERM" in output
+    first = json.loads(results.read_text())["records"]
+    assert {r["run"] for r in first} == {"demo/plain/frac0.05/seed0"}
+    rerun = subprocess.run(command, cwd=REPO_DIR, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "demo/plain/frac0.05/seed0: done, skipped." in rerun.stderr
+    records = json.loads(results.read_text())["records"]
+    assert records[:2] == first  # the finished run's records are untouched
+    assert {r["run"] for r in records[2:]} == {"demo/sam/frac0.05/seed0"}
+    history = [json.loads(line) for line in open(second / "metrics.jsonl")]
+    steps = [r["step"] for r in history if "train" in r]
+    assert steps == sorted(set(steps)) and steps[-1] == 60  # resumed, not restarted
+    assert "| plain | 1 |" in rerun.stdout and "| sam | 1 |" in rerun.stdout
