@@ -21,7 +21,9 @@ from sam_jax.errors import ConfigError
 from sam_jax.errors import one_line
 from sam_jax.models import t5
 from sam_jax.models import task_models
+from sam_jax.tasks import benchmarks
 from sam_jax.tasks import demo
+from sam_jax.tasks import glue_encoder
 from sam_jax.tasks import local
 
 
@@ -88,6 +90,9 @@ for _fn, _module in (
     (task_models.encoder_classifier, "sam_jax.models.task_models"),
     (local.tsv_task, "sam_jax.tasks.local"),
     (demo.mixture, "sam_jax.tasks.demo"),
+    (benchmarks.mixture, "sam_jax.tasks.benchmarks"),
+    (glue_encoder.task, "sam_jax.tasks.glue_encoder"),
+    (trainer_lib.warmup_linear_decay_schedule, "sam_jax.trainer"),
 ):
     gin.external_configurable(_fn, module=_module)
 

@@ -68,6 +68,7 @@ class Protocol(NamedTuple):
     name: str
     run_gin_files: tuple[str, ...]
     run_bindings: dict[str, Any]
+    run_overrides: dict[str, Any]
     tasks: dict[str, dict[str, Any]]
     variants: tuple[str, ...]
     sweeps: dict[str, dict[str, tuple[Any, ...]]]
@@ -104,6 +105,7 @@ def protocol(
     name: str = "grid",
     run_gin_files: Sequence[str] = gin.REQUIRED,
     run_bindings: Mapping[str, Any] | None = None,
+    run_overrides: Mapping[str, Any] | None = None,
     tasks: Mapping[str, Mapping[str, Any]] = gin.REQUIRED,
     variants: Sequence[str] = gin.REQUIRED,
     sweeps: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
@@ -123,15 +125,20 @@ def protocol(
         ['runs/finetune_encoder.gin']).
       run_bindings: {macro: value} for every run (e.g. {'INITIAL_CHECKPOINT_PATH':
         '/models/minilm'}); values are Python literals.
+      run_overrides: {macro or parameter: value} applied to every run after
+        everything else (RUN_OVERRIDES: e.g. {'BATCH_SIZE': 8, 'NUM_PARTITIONS': 2}).
       tasks: {label: {macro: value}}: one entry per task, its bindings (e.g.
-        {'sst2': {'TASK_DIR': '/data/sst2'}}); the label names its directory.
+        {'sst2': {'TASK_DIR': '/data/sst2'}}); the label names its directory. A
+        task may bind its own TRAIN_STEPS (and LEARNING_RATE, ...), as FSAM's
+        per-task epochs (gin/reproduce/fsam_glue.gin).
       variants: 'plain' or the name of a gin/sam file ('sam', 'delta_sam', 'fsam', ...).
       sweeps: {variant: {macro: [values]}}: the variant runs once per combination
         (e.g. {'delta_sam': {'RHO': [0.01, 0.05], 'ETA': [1e-4, 1e-3]}}); swept
         macros with several values are in the variant's label ('delta_sam(ETA=0.001,RHO=0.01)').
+        Sweeps of variants not in `variants` are not run.
       seeds: SEED of the runs (initialisation, dropout, data order and subset).
       train_fractions: TRAIN_FRACTION of the runs, each in (0, 1].
-      train_steps: TRAIN_STEPS of every run.
+      train_steps: TRAIN_STEPS of every run whose task does not bind its own.
       evaluations: evaluations (and checkpoints) per run, evenly spaced, the
         last at TRAIN_STEPS: binds EVAL_PERIOD and CHECKPOINT_PERIOD to
         ceil(train_steps / evaluations). None leaves them to the run's gin files.
@@ -145,15 +152,15 @@ def protocol(
       The `Protocol`.
 
     Raises:
-      ConfigError: for an unknown variant or analysis, a sweep of a variant not
-        in the grid, a fraction outside (0, 1], no seeds, or TRAIN_STEPS < 1.
+      ConfigError: for an unknown variant (in `variants` or `sweeps`) or analysis,
+        a fraction outside (0, 1], no seeds, or TRAIN_STEPS < 1.
     """
     run_config.check(bool(variants), "VARIANTS is empty: name at least one, e.g. ['plain', 'sam'].")
     for variant in variants:
         variant_gin_files(variant)
     sweeps = {v: {m: tuple(values) for m, values in s.items()} for v, s in (sweeps or {}).items()}
-    stray = sorted(set(sweeps) - set(variants))
-    run_config.check(not stray, f"sweeps of {stray}, which are not in VARIANTS {list(variants)}.")
+    for variant in sweeps:  # a protocol may sweep variants that VARIANTS leaves out
+        variant_gin_files(variant)
     run_config.check(bool(seeds), "SEEDS is empty: give at least one seed, e.g. [0].")
     run_config.check(
         all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
@@ -184,6 +191,7 @@ def protocol(
         name=name,
         run_gin_files=tuple(run_gin_files),
         run_bindings=dict(run_bindings or {}),
+        run_overrides=dict(run_overrides or {}),
         tasks={label: dict(bindings) for label, bindings in tasks.items()},
         variants=tuple(variants),
         sweeps=sweeps,
@@ -239,10 +247,10 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "._-=," else "_" for c in label).strip("_")
 
 
-def _period_bindings(protocol: Protocol) -> dict[str, int]:
-    if protocol.evaluations is None:
+def _period_bindings(evaluations: int | None, train_steps: int) -> dict[str, int]:
+    if evaluations is None:
         return {}
-    period = -(-protocol.train_steps // protocol.evaluations)
+    period = -(-train_steps // evaluations)
     return {"EVAL_PERIOD": period, "CHECKPOINT_PERIOD": period}
 
 
@@ -258,14 +266,16 @@ def grid(protocol: Protocol) -> list[Run]:
                 label = _variant_label(variant, setting, sweep)
                 key = "/".join([_slug(task), _slug(label), f"frac{fraction:g}", f"seed{seed}"])
                 model_dir = os.path.join(protocol.output_dir, key)
+                steps = task_bindings.get("TRAIN_STEPS", protocol.train_steps)
                 macros = {
                     **protocol.run_bindings,
-                    **_period_bindings(protocol),
+                    "TRAIN_STEPS": steps,
+                    **_period_bindings(protocol.evaluations, steps),
                     **task_bindings,
                     **setting,
                     "SEED": seed,
                     "TRAIN_FRACTION": fraction,
-                    "TRAIN_STEPS": protocol.train_steps,
+                    **protocol.run_overrides,
                     "MODEL_DIR": model_dir,
                 }
                 runs.append(
@@ -294,6 +304,7 @@ def grid(protocol: Protocol) -> list[Run]:
 _RECORD_DEFINING_FIELDS = (
     "run_gin_files",
     "run_bindings",
+    "run_overrides",
     "tasks",
     "sweeps",
     "train_steps",

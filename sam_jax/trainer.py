@@ -95,6 +95,40 @@ def rsqrt_schedule(
     return schedule
 
 
+def warmup_linear_decay_schedule(
+    learning_rate: float, train_steps: int, warmup_fraction: float = 0.1
+) -> optax.Schedule:
+    """BERT's schedule: a linear ramp from 0 over the first steps, then linear decay to 0.
+
+    The fine-tuning schedule of Devlin et al. (2019) and of FSAM's Table 10
+    ("warmup ratio 10 %"), as Hugging Face's `get_linear_schedule_with_warmup`:
+    lr(t) = peak · t / w for t < w, then peak · (T − t) / (T − w), w =
+    round(warmup_fraction · T).
+
+    Example::
+
+      schedule = warmup_linear_decay_schedule(2e-5, train_steps=1000)  # peak at step 100
+
+    Args:
+      learning_rate: the peak rate.
+      train_steps: T, the run's steps (the rate is 0 at T).
+      warmup_fraction: the ramp's share of the steps, in [0, 1).
+    """
+    if not 0 <= warmup_fraction < 1 or train_steps < 1:
+        raise ValueError(
+            f"need 0 ≤ warmup_fraction < 1 and train_steps ≥ 1, got {warmup_fraction!r} and "
+            f"{train_steps!r}."
+        )
+    warmup = round(warmup_fraction * train_steps)
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, learning_rate, max(warmup, 1)),
+            optax.linear_schedule(learning_rate, 0.0, train_steps - warmup),
+        ],
+        [warmup],
+    )
+
+
 def learning_rate_at(learning_rate: LearningRate, step: jax.Array) -> jax.Array:
     """The learning rate of step `step`, a float32 scalar."""
     value = learning_rate(step) if callable(learning_rate) else learning_rate

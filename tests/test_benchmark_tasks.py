@@ -12,12 +12,13 @@ import functools
 import importlib
 import importlib.resources
 
-import numpy as np
 import pytest
 
 seqio = pytest.importorskip("seqio")
 tf = pytest.importorskip("tensorflow")
 tfds = pytest.importorskip("tensorflow_datasets")
+
+from fake_tfds import FakeTfds  # noqa: E402
 
 from sam_jax.tasks import cbqa  # noqa: E402
 from sam_jax.tasks import glue  # noqa: E402
@@ -34,65 +35,8 @@ TEST_SPM = str(
 
 
 # --------------------------------------------------------------------------- #
-# Fake TFDS data and registry hygiene.
+# Reading fake TFDS data, and registry hygiene.
 # --------------------------------------------------------------------------- #
-
-
-def _default(spec):
-    """An empty/zero value for a TFDS feature spec (nested dicts included)."""
-    if isinstance(spec, dict):
-        return {key: _default(value) for key, value in spec.items()}
-    if spec.shape.rank == 0:
-        return b"" if spec.dtype == tf.string else 0
-    return np.zeros((0,), dtype=spec.dtype.as_numpy_dtype)
-
-
-def _complete(example, spec):
-    """`example` with every feature it leaves out filled with `_default`."""
-    if not isinstance(spec, dict):
-        return example
-    return {
-        key: _complete(example[key], value) if key in example else _default(value)
-        for key, value in spec.items()
-    }
-
-
-def _columns(examples, spec):
-    """Examples of scalar features as (nested) columns, for `from_tensor_slices`."""
-    if isinstance(spec, dict):
-        return {key: _columns([ex[key] for ex in examples], value) for key, value in spec.items()}
-    return np.array(examples, dtype=spec.dtype.as_numpy_dtype)
-
-
-class FakeTfds:
-    """Serves chosen examples for any `tfds.load`, without data or downloads.
-
-    `data[(dataset, config)][tfds_split]` is a list of (partial) examples;
-    `requested` records every (dataset, config, split) that was read.
-    """
-
-    def __init__(self, data):
-        self.data = data
-        self.requested = []
-
-    def dataset(self, builder, split):
-        config = builder.builder_config.name if builder.builder_config else None
-        self.requested.append((builder.name, config, str(split)))
-        spec = builder.info.features.get_tensor_spec()
-        examples = [_complete(ex, spec) for ex in self.data[(builder.name, config)][str(split)]]
-        if all(leaf.shape.rank == 0 for leaf in tf.nest.flatten(spec)):  # fast path
-            return tf.data.Dataset.from_tensor_slices(_columns(examples, spec))
-        return tf.data.Dataset.from_generator(lambda: iter(examples), output_signature=spec)
-
-    @contextlib.contextmanager
-    def mocked(self):
-        def as_dataset(builder, split, **unused_kwargs):  # replaces builder._as_dataset
-            return self.dataset(builder, split)
-
-        with tfds.testing.mock_data(
-            as_dataset_fn=as_dataset, policy=tfds.testing.MockPolicy.USE_CODE
-        ):
-            yield self
 
 
 def read(task_name, split, data):

@@ -98,7 +98,7 @@ def test_sweeps_label_the_variants_by_what_varies(tmp_path):
         ("TRAIN_STEPS = 0", "TRAIN_STEPS must be ≥ 1, got 0"),
         ("EVALUATIONS = 0", "EVALUATIONS must be ≥ 1"),
         ("ANALYSES = ['hessian']", r"unknown analyses \['hessian'\]"),
-        ("reproduce.protocol.sweeps = {'fsam': {'RHO': [0.1]}}", r"sweeps of \['fsam'\]"),
+        ("reproduce.protocol.sweeps = {'fsma': {'RHO': [0.1]}}", r"unknown variant 'fsma'"),
     ],
 )
 def test_bad_protocols_are_one_line_errors_before_anything_is_written(tmp_path, binding, message):
@@ -228,3 +228,145 @@ def test_an_interrupted_grid_resumes_without_rerunning_finished_runs(tmp_path):
     steps = [r["step"] for r in history if "train" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # resumed, not restarted
     assert "| plain | 1 |" in rerun.stdout and "| sam | 1 |" in rerun.stdout
+
+
+# --------------------------------------------------------------------------- #
+# The papers' protocols: their settings, and one short run of each on mocked data.
+# --------------------------------------------------------------------------- #
+
+
+def _bindings(run):
+    return dict(binding.split(" = ", 1) for binding in run.bindings)
+
+
+def test_bahri_protocol_is_t5_on_subsampled_benchmarks_with_a_quarter_ascent_batch(tmp_path):
+    protocol = reproduce.parse_protocol(
+        ["reproduce/bahri_t5.gin"],
+        ["MODEL = '/ckpt/checkpoint_1000000'", "TRAIN_STEPS = 20000", f"OUTPUT_DIR = '{tmp_path}'"],
+    )
+    runs = reproduce.grid(protocol)
+    # 2 benchmarks × 2 variants × 6 fractions × 3 seeds.
+    assert len(runs) == 2 * 2 * 6 * 3
+    assert protocol.train_fractions == (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+    sam = next(r for r in runs if r.variant == "sam_quarter" and r.task == "super_glue")
+    assert sam.gin_files == (
+        "runs/finetune.gin",
+        "models/t5_1_1/base.gin",
+        "tasks/benchmark.gin",
+        "sam/sam_quarter.gin",
+    )
+    bindings = _bindings(sam)
+    assert bindings["RHO"] == "0.15" and bindings["BENCHMARK"] == "'super_glue'"
+    assert bindings["TASK_FEATURE_LENGTHS"] == "{'inputs': 512, 'targets': 62}"
+    assert bindings["EVAL_PERIOD"] == "1000"  # 20 evaluations of 20k steps: every 1k, as the paper
+
+
+def test_fsam_protocol_has_table_10s_bert_rows(tmp_path):
+    protocol = reproduce.parse_protocol(
+        ["reproduce/fsam_glue.gin"], ["MODEL = '/models/bert'", f"OUTPUT_DIR = '{tmp_path}'"]
+    )
+    runs = reproduce.grid(protocol)
+    # 4 tasks × (plain + 3 ρ of SAM + 3 ρ of FSAM) × 5 seeds.
+    assert len(runs) == 4 * 7 * 5
+    cola = _bindings(next(r for r in runs if r.task == "cola" and r.variant == "fsam(RHO=0.01)"))
+    assert cola["LEARNING_RATE"] == "2e-05" and cola["TRAIN_STEPS"] == "1605"
+    assert cola["SPARSITY"] == "0.9" and cola["MASK_INTERVAL"] == "100"
+    assert cola["BATCH_SIZE"] == "16" and cola["EVAL_PERIOD"] == "535"
+    rte = _bindings(next(r for r in runs if r.task == "rte" and r.variant == "plain"))
+    assert rte["LEARNING_RATE"] == "4e-05" and rte["TRAIN_STEPS"] == "468"
+    assert "schedules/warmup_linear_decay.gin" in runs[0].gin_files
+
+
+def test_delta_sam_protocol_sweeps_the_papers_grid(tmp_path):
+    protocol = reproduce.parse_protocol(
+        ["reproduce/delta_sam_glue.gin"],
+        ["MODEL = '/models/bert'", "TRAIN_STEPS = 100", f"OUTPUT_DIR = '{tmp_path}'"],
+    )
+    runs = reproduce.grid(protocol)
+    labels = sorted({r.variant for r in runs if r.task == "rte"})
+    assert len(labels) == 1 + 3 + 12
+    assert "delta_sam(ETA=0.0002,RHO=0.02)" in labels and "sam(RHO=0.05)" in labels
+    assert len({r.task for r in runs}) == 8
+
+
+def _short_run(tmp_path, protocol_file, *bindings, overrides):
+    """One run of a protocol for 2 steps, on generated TFDS data; returns its records."""
+    from fake_tfds import FakeTfds
+
+    args = [
+        *bindings,
+        "SEEDS = [0]",
+        "TRAIN_STEPS = 2",
+        "EVALUATIONS = 1",
+        f"OUTPUT_DIR = '{tmp_path}'",
+        f"RUN_OVERRIDES = {overrides!r}",
+    ]
+    protocol = reproduce.parse_protocol([protocol_file], args)
+    assert len(reproduce.grid(protocol)) == 1
+    with FakeTfds(generate=16).mocked():
+        return reproduce.run_grid(protocol)
+
+
+SMALL_RUNS = {"BATCH_SIZE": 8, "train.max_eval_examples": 8, "train.progress_bar": False}
+
+
+@pytest.mark.slow
+def test_bahri_protocol_runs_on_mocked_glue(tmp_path):
+    import importlib.resources
+
+    spm = importlib.resources.files("seqio") / "test_data" / "sentencepiece" / "sentencepiece.model"
+    records = _short_run(
+        tmp_path,
+        "reproduce/bahri_t5.gin",
+        "MODEL = None",
+        "MODEL_GIN = 'models/t5_1_1/tiny.gin'",
+        f"SPM_PATH = '{spm}'",
+        "VARIANTS = ['sam_quarter']",
+        "TRAIN_FRACTIONS = [0.5]",
+        "reproduce.protocol.tasks = {'glue': {'BENCHMARK': 'glue'}}",
+        overrides={**SMALL_RUNS, "TASK_FEATURE_LENGTHS": {"inputs": 32, "targets": 8}},
+    )
+    assert {r["task"] for r in records} >= {"glue_cola", "glue_rte", "glue_stsb"}
+    cola = next(r for r in records if r["task"] == "glue_cola")
+    assert set(cola["final"]) == {"mcc", "loss"} and cola["steps"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("protocol_file", "task", "variant", "sweep", "metrics"),
+    [
+        (
+            "reproduce/delta_sam_glue.gin",
+            "{'stsb': {'GLUE_CONFIG': 'stsb'}}",
+            "delta_sam",
+            "{'delta_sam': {'RHO': [0.05], 'ETA': [1e-3]}}",
+            {"pearson", "spearman", "loss"},
+        ),
+        (
+            "reproduce/fsam_glue.gin",
+            "{'rte': {'GLUE_CONFIG': 'rte', 'LEARNING_RATE': 4e-5, 'TRAIN_STEPS': 2}}",
+            "fsam",
+            "{'fsam': {'RHO': [0.01], 'SPARSITY': [0.9], 'MASK_INTERVAL': [100]}}",
+            {"accuracy", "loss"},
+        ),
+    ],
+)
+def test_encoder_protocols_run_on_mocked_glue(
+    tmp_path, protocol_file, task, variant, sweep, metrics
+):
+    import minilm
+
+    records = _short_run(
+        tmp_path,
+        protocol_file,
+        f"MODEL = '{minilm.model_dir()}'",
+        f"VARIANTS = ['{variant}']",
+        f"reproduce.protocol.tasks = {task}",
+        f"reproduce.protocol.sweeps = {sweep}",
+        # Mocked TFDS has no split metadata: whole splits would ask for it (list_shards).
+        "TRAIN_FRACTIONS = [0.5]",
+        overrides={**SMALL_RUNS, "TASK_FEATURE_LENGTHS": {"inputs": 32}},
+    )
+    (record,) = records
+    assert set(record["final"]) == metrics and record["steps"] == 2
+    assert record["variant"] == variant

@@ -154,15 +154,6 @@ def glue_to_encoder(
     return out
 
 
-def _vocabulary(vocabulary: seqio.Vocabulary | str | os.PathLike) -> seqio.Vocabulary:
-    """`vocabulary`, or an HfVocabulary of a tokenizer.json path."""
-    if isinstance(vocabulary, seqio.Vocabulary):
-        return vocabulary
-    from sam_jax.tasks import hf_vocabulary  # pylint: disable=g-import-not-at-top
-
-    return hf_vocabulary.HfVocabulary(vocabulary)
-
-
 def register_config(
     spec: GlueEncoderConfig,
     vocabulary: seqio.Vocabulary,
@@ -230,9 +221,30 @@ def register_glue_encoder_tasks(
     unknown = [config for config in wanted if config not in known]
     if unknown:
         raise ValueError(f"unknown GLUE configs {unknown}; known: {', '.join(known)}")
-    vocabulary = _vocabulary(vocabulary)
+    vocabulary = local.encoder_vocabulary(vocabulary)
     return [
         register_config(spec, vocabulary, train_fraction, seed).name
         for spec in CONFIGS
         if spec.config in wanted
     ]
+
+
+def task(
+    config: str,
+    vocabulary: seqio.Vocabulary | str | os.PathLike,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+) -> str:
+    """Registers one GLUE encoder task and returns its name (gin: `@glue_encoder.task()`).
+
+    gin/tasks/glue_encoder.gin binds it with GLUE_CONFIG ('cola', 'sst2', ...),
+    TOKENIZER, TRAIN_FRACTION and SEED, as `local.tsv_task` is for a local task.
+
+    Example:
+      >>> task("rte", "/models/bert-base/tokenizer.json", train_fraction=0.5)
+      'glue_encoder_rte_frac0.5'
+    """
+    (name,) = register_glue_encoder_tasks(
+        vocabulary, train_fraction=train_fraction, seed=seed, configs=[config]
+    )
+    return name

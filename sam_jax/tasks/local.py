@@ -299,7 +299,7 @@ def metric_fns(
     return fns
 
 
-def _vocabulary(vocabulary: seqio.Vocabulary | str | os.PathLike) -> seqio.Vocabulary:
+def encoder_vocabulary(vocabulary: seqio.Vocabulary | str | os.PathLike) -> seqio.Vocabulary:
     """`vocabulary` itself, or an HfVocabulary (needs `tokenizers`) of a tokenizer.json path
     or of a directory holding one (a Hugging Face model directory)."""
     if isinstance(vocabulary, seqio.Vocabulary):
@@ -372,7 +372,9 @@ def register_tsv_task(
         name,
         source=source,
         preprocessors=[parse, tokenize_text, seqio.CacheDatasetPlaceholder()],
-        output_features=output_features(_vocabulary(vocabulary), columns, num_classes, regression),
+        output_features=output_features(
+            encoder_vocabulary(vocabulary), columns, num_classes, regression
+        ),
         metric_fns=metric_fns(metrics, num_classes, regression),
         shuffle_buffer_size=shuffle_buffer_size
         or min(source.num_input_examples("train"), _MAX_SHUFFLE_BUFFER),
