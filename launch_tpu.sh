@@ -32,9 +32,13 @@ Commands:
                      with nohup on every worker; log: ~/logs/\$RUN_NAME.<hostname>.log;
                      with TRAINER=t5x, 'python -m t5x.train --gin.MODEL_DIR=...
                      --gin_search_paths=REPO_DIR ARGS...' (so --gin_file=gin/t5x/sam.gin
-                     resolves; a --gin_search_paths in ARGS replaces it)
+                     resolves; a --gin_search_paths in ARGS replaces it); with
+                     TRAINER=reproduce, 'python -m sam_jax.reproduce
+                     --gin.OUTPUT_DIR=~/runs/\$RUN_NAME ARGS...' (an experiment grid on
+                     the worker's disk: single-host TPUs only; BUCKET is not used)
   logs [--worker=N]  follow the training log of worker N (default 0)
-  kill               stop training (sam_jax.train or t5x.train) on every worker and free
+  kill               stop training (sam_jax.train, sam_jax.reproduce or t5x.train) on every
+                     worker and free
                      the TPU (kill whatever still holds /dev/accel* or /dev/vfio/*,
                      remove /tmp/libtpu_lockfile)
   delete             delete the TPU VM; with QUEUED=1, delete the queued resource
@@ -66,7 +70,7 @@ Optional:
                     before sync), and delete must know which kind to delete.
   QUEUED_RESOURCE   queued resource ID (default \$TPU_NAME; the TPU VM is \$TPU_NAME)
   SPOT=1, PREEMPTIBLE=1   create a Spot / preemptible TPU (queued resources: Spot only)
-  TRAINER           trainer that run starts: sam_jax (default) or t5x
+  TRAINER           what run starts: sam_jax (default), t5x or reproduce
   RUN_ENV           environment for the trainer on every worker: NAME=VALUE words
                     separated by spaces, e.g. RUN_ENV="SAM_JAX_SPM_PATH=gs://b/spm.model"
                     (the benchmark tasks' vocabulary; values may not contain spaces)
@@ -246,7 +250,7 @@ venv_q() { remote_path "${VENV:-~/sam_jax_venv}"; }
 # command line begins with the venv's python), but not the `bash -c '...'` shell
 # that ssh starts to run this very pattern, whose command line begins with "bash".
 # pgrep and pkill read it as an extended regular expression.
-TRAIN_PATTERN='^[^ ]*python[0-9.]* .*-m (sam_jax|t5x)[.]train'
+TRAIN_PATTERN='^[^ ]*python[0-9.]* .*-m (sam_jax[.](train|reproduce)|t5x[.]train)'
 
 # --- commands ----------------------------------------------------------------
 
@@ -353,14 +357,19 @@ cmd_run() {
   fi
   local trainer=${TRAINER:-sam_jax}
   case $trainer in
-    sam_jax | t5x) ;;
-    *) die "TRAINER must be sam_jax or t5x (got: $trainer)" ;;
+    sam_jax | t5x | reproduce) ;;
+    *) die "TRAINER must be sam_jax, t5x or reproduce (got: $trainer)" ;;
   esac
   require_tpu
-  require BUCKET RUN_NAME
-  local gcs_root=${BUCKET%/} run_name_re='^[A-Za-z0-9._-]+$'
-  if [[ $gcs_root != gs://?* ]]; then
-    die "BUCKET must be a gs:// URL (got: $BUCKET)"
+  local run_name_re='^[A-Za-z0-9._-]+$' gcs_root
+  if [[ $trainer == reproduce ]]; then
+    require RUN_NAME
+  else
+    require BUCKET RUN_NAME
+    gcs_root=${BUCKET%/}
+    if [[ $gcs_root != gs://?* ]]; then
+      die "BUCKET must be a gs:// URL (got: $BUCKET)"
+    fi
   fi
   if [[ ! $RUN_NAME =~ $run_name_re ]]; then
     die "RUN_NAME may contain only letters, digits, '.', '_' and '-' (got: $RUN_NAME)"
@@ -374,7 +383,10 @@ cmd_run() {
   # --gin.NAME=VALUE into a gin binding too, and looks up --gin_file paths in
   # --gin_search_paths (default '.') and then in its own package, so gin/t5x/*.gin
   # resolve in REPO_DIR and t5x/configs/..., t5x/examples/... in T5X.
-  train="$venv/bin/python -u -m $trainer.train"
+  case $trainer in
+    reproduce) train="$venv/bin/python -u -m sam_jax.reproduce" ;;
+    *) train="$venv/bin/python -u -m $trainer.train" ;;
+  esac
   if [[ -n ${RUN_ENV:-} ]]; then
     local assignment assignments=()
     read -r -a assignments <<<"$RUN_ENV"
@@ -385,7 +397,11 @@ cmd_run() {
     done
     train="env$(printf ' %q' "${assignments[@]}") $train"
   fi
-  train+=" $(printf '%q' "--gin.MODEL_DIR='$gcs_root/$RUN_NAME'")"
+  if [[ $trainer == reproduce ]]; then
+    train+=" --gin.OUTPUT_DIR=\\'\"\$HOME\"/runs/$RUN_NAME\\'"
+  else
+    train+=" $(printf '%q' "--gin.MODEL_DIR='$gcs_root/$RUN_NAME'")"
+  fi
   if [[ $trainer == t5x ]]; then
     train+=" --gin_search_paths=$repo"
   fi
@@ -393,7 +409,8 @@ cmd_run() {
     train+=$(printf ' %q' "$@")
   fi
   script="if pgrep -f '$TRAIN_PATTERN' >/dev/null; then echo \"\$(hostname):"
-  script+=" training (sam_jax.train or t5x.train) is already running; use kill first\" >&2; exit 1; fi"
+  script+=" training (sam_jax.train, sam_jax.reproduce or t5x.train) is already running; use"
+  script+=" kill first\" >&2; exit 1; fi"
   script+=" && test -x $venv/bin/python || { printf '%s: %s not found; run setup first\\n'"
   script+=" \"\$(hostname)\" $venv/bin/python >&2; exit 1; }"
   script+=" && cd $repo"

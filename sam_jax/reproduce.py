@@ -187,6 +187,11 @@ def protocol(
     run_config.check(
         not os.path.isfile(output_dir), f"OUTPUT_DIR {output_dir!r} is a file; give a directory."
     )
+    run_config.check(
+        "://" not in output_dir,
+        f"OUTPUT_DIR must be a local directory, got {output_dir!r}: the grid's records, "
+        "report and runs are written with local file I/O.",
+    )
     return Protocol(
         name=name,
         run_gin_files=tuple(run_gin_files),
@@ -466,9 +471,15 @@ def run_grid(protocol: Protocol) -> list[dict[str, Any]]:
       The records of the grid's runs.
 
     Raises:
-      ConfigError: OUTPUT_DIR holds results of other record-defining settings.
+      ConfigError: OUTPUT_DIR holds results of other record-defining settings, or
+        the grid runs on more than one process (host).
       Stopped: a signal stopped a run (finished runs are recorded; rerun to resume).
     """
+    run_config.check(
+        jax.process_count() == 1,
+        f"sam_jax.reproduce runs on one host; this is process {jax.process_index()} of "
+        f"{jax.process_count()}: run the grid's runs with sam_jax.train on a pod.",
+    )
     runs = grid(protocol)
     saved = read_results(protocol.output_dir)
     check_same_protocol(saved["protocol"], protocol)

@@ -53,7 +53,7 @@ T5X_ARGS = [
     "--gin.MIXTURE_OR_TASK_NAME='glue_cola_v002'",
 ]
 # The process pattern of `run`'s "already running" check and of `kill`.
-TRAIN_PATTERN = "^[^ ]*python[0-9.]* .*-m (sam_jax|t5x)[.]train"
+TRAIN_PATTERN = "^[^ ]*python[0-9.]* .*-m (sam_jax[.](train|reproduce)|t5x[.]train)"
 
 FAKE_GCLOUD = f"""#!{sys.executable}
 import json, os, shutil, subprocess, sys
@@ -307,8 +307,12 @@ def test_each_command_needs_only_its_variables(sandbox, command):
         (["logs", "extra"], {}, "unknown argument"),
         (["create", "extra"], {}, "create takes no arguments"),
         (["status", "extra"], {}, "status takes no arguments"),
-        (["run", "--", "--x=1"], {"TRAINER": "t5x.train"}, "TRAINER must be sam_jax or t5x"),
-        (["run"], {"TRAINER": "T5X"}, "TRAINER must be sam_jax or t5x (got: T5X)"),
+        (
+            ["run", "--", "--x=1"],
+            {"TRAINER": "t5x.train"},
+            "TRAINER must be sam_jax, t5x or reproduce",
+        ),
+        (["run"], {"TRAINER": "T5X"}, "TRAINER must be sam_jax, t5x or reproduce (got: T5X)"),
     ],
 )
 def test_bad_arguments_exit_2(sandbox, args, env, message):
@@ -536,7 +540,8 @@ def test_dry_run_run_t5x(sandbox):
     venv = '"$HOME"/sam_jax_venv'
     assert script == (
         f"if pgrep -f '{TRAIN_PATTERN}' >/dev/null; then echo \"$(hostname):"
-        ' training (sam_jax.train or t5x.train) is already running; use kill first" >&2;'
+        ' training (sam_jax.train, sam_jax.reproduce or t5x.train) is already running; use'
+        ' kill first" >&2;'
         " exit 1; fi"
         f" && test -x {venv}/bin/python || {{ printf '%s: %s not found; run setup first\\n'"
         f' "$(hostname)" {venv}/bin/python >&2; exit 1; }}'
@@ -570,6 +575,23 @@ def test_dry_run_run_t5x(sandbox):
     )
     (sam_line,) = dry_run(sandbox, "run", "--", *T5X_ARGS)
     assert "--gin_search_paths" not in sam_line and "find_spec" not in sam_line
+
+
+def test_dry_run_run_reproduce_writes_to_the_workers_disk(sandbox):
+    """TRAINER=reproduce starts the grid with OUTPUT_DIR ~/runs/RUN_NAME; BUCKET is not needed."""
+    args = ["--gin_file=reproduce/local.gin", "--gin.MODEL='/m'"]
+    (line,) = dry_run(sandbox, "run", "--", *args, TRAINER="reproduce", BUCKET="")
+    script = remote_command(argv_of(line))
+    train = script.split("{ nohup ")[1].split(" > ")[0]
+    assert shlex.split(train) == [
+        "$HOME/sam_jax_venv/bin/python",
+        "-u",
+        "-m",
+        "sam_jax.reproduce",
+        "--gin.OUTPUT_DIR='$HOME/runs/run'",
+        *args,
+    ]
+    assert "find_spec" not in script
 
 
 def test_dry_run_run_t5x_custom_repo_dir(sandbox):
@@ -615,7 +637,7 @@ def test_dry_run_kill(sandbox):
         ("python -m sam_jax.train", True),
         # The shell that ssh starts to run pkill/pgrep with this very pattern.
         (f"bash -c if pkill -f '{TRAIN_PATTERN}'; then sleep 5; fi", False),
-        ("/home/u/sam_jax_venv/bin/python -m sam_jax.compare", False),
+        ("/home/u/sam_jax_venv/bin/python -u -m sam_jax.reproduce --gin_file=x.gin", True),
         ("/home/u/sam_jax_venv/bin/python -m t5x.eval", False),
         ("vim sam_jax/train.py", False),
     ],
@@ -799,7 +821,8 @@ def test_real_run_refuses_when_training_is_already_running(sandbox):
     result = real(sandbox, "run", "--", "--x=1", FAKE_PGREP_RC="0")
     assert result.returncode == 1
     assert (
-        "training (sam_jax.train or t5x.train) is already running; use kill first" in result.stderr
+        "training (sam_jax.train, sam_jax.reproduce or t5x.train) is already running; use kill "
+        "first" in result.stderr
     )
     time.sleep(0.5)  # a wrongly started trainer would have written by now
     assert not (home / "logs").exists()

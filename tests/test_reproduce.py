@@ -109,6 +109,11 @@ def test_bad_protocols_are_one_line_errors_before_anything_is_written(tmp_path, 
     assert not output_dir.exists()
 
 
+def test_an_output_dir_in_a_bucket_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="OUTPUT_DIR must be a local directory, got 'gs://b/g'"):
+        reproduce.parse_protocol([reproduce.DEFAULT_PROTOCOL], tiny_grid("gs://b/g"))
+
+
 def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
