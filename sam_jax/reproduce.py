@@ -495,8 +495,9 @@ def run_grid(protocol: Protocol) -> list[dict[str, Any]]:
             if protocol.analyses:
                 from sam_jax import analysis
 
+                measured = analysis.analyze(run, protocol.analyses)
                 for record in new:
-                    record.update(analysis.analyze(run, protocol.analyses))
+                    record.update(measured)
             records.extend(new)
             write_results(protocol.output_dir, protocol, records)
     keys = {run.key for run in runs}

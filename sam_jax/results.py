@@ -193,6 +193,7 @@ def _cell_report(
         rows.append([*row, f"{1e3 * seconds.mean:.0f}"])
     lines = [f"### {task}, train fraction {fraction:g}", ""]
     lines += _markdown_table(["variant", "seeds", *metrics, "ms/step"], rows)
+    lines += _sharpness_table(records, task, fraction, variants)
     compared = [b for b in baselines if b in variants]
     for index, baseline in enumerate(compared):
         diff_rows = []
@@ -211,6 +212,42 @@ def _cell_report(
             lines += ["", f"Paired difference against {baseline} (same seeds):", ""]
             lines += _markdown_table(["variant", *metrics], diff_rows)
     return lines
+
+
+SHARPNESS_MEASURES = (
+    ("clean_loss", "loss"),
+    ("adversarial_loss", "L_adv"),
+    ("batch_sharpness", "R_batch"),
+    ("instance_sharpness", "R_inst"),
+)
+
+
+def _sharpness_table(
+    records: Sequence[Mapping[str, Any]], task: str, fraction: float, variants: Sequence[str]
+) -> list[str]:
+    """δ-SAM's Table 4 of the final checkpoints (records with a 'sharpness' analysis)."""
+    rows = []
+    for variant in variants:
+        measured = [
+            r["sharpness"]
+            for r in records
+            if _cell_key(r) == (task, fraction) and r["variant"] == variant and "sharpness" in r
+        ]
+        if measured:
+            cells = [
+                _format(summarize_values([m[key] for m in measured]))
+                for key, _ in SHARPNESS_MEASURES
+            ]
+            rho = sorted({m["rho"] for m in measured})
+            rows.append([variant, ", ".join(f"{r:g}" for r in rho), *cells])
+    if not rows:
+        return []
+    header = ["variant", "ρ", *(name for _, name in SHARPNESS_MEASURES)]
+    return [
+        "",
+        "Sharpness of the final checkpoints (δ-SAM Table 4), mean ± std over seeds:",
+        "",
+    ] + (_markdown_table(header, rows))
 
 
 def markdown_report(

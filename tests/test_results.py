@@ -124,3 +124,25 @@ def test_plots_are_pngs(tmp_path):
     )
     for name in ("fractions.png", "curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_has_the_sharpness_table_when_measured():
+    measured = [
+        {
+            **r,
+            "sharpness": {
+                "rho": 0.05,
+                "clean_loss": 0.5,
+                "adversarial_loss": 0.7 + r["seed"],
+                "batch_sharpness": 0.1,
+                "instance_sharpness": 0.2,
+            },
+        }
+        for r in RECORDS
+    ]
+    report = results.markdown_report(measured)
+    assert "Sharpness of the final checkpoints (δ-SAM Table 4)" in report
+    assert "| variant | ρ | loss | L_adv | R_batch | R_inst |" in report
+    # L_adv over seeds 0, 1, 2: 0.7, 1.7, 2.7 -> 1.70 ± 1.00.
+    assert "| plain | 0.05 | 0.50 ± 0.00 | 1.70 ± 1.00 | 0.10 ± 0.00 | 0.20 ± 0.00 |" in report
+    assert "Sharpness" not in results.markdown_report(RECORDS)
