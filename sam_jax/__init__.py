@@ -32,7 +32,7 @@ from sam_jax.reweighting import delta_sam
 from sam_jax.reweighting import delta_sam_draft
 from sam_jax.surrogate_gap import SurrogateGap
 from sam_jax.surrogate_gap import gsam
-from sam_jax.surrogate_gap import rho_schedule as gsam_rho_schedule
+from sam_jax.surrogate_gap import gsam_rho_schedule
 from sam_jax.transform import SamState
 from sam_jax.transform import sam
 

@@ -12,7 +12,7 @@ decreases h. α = 0 is SAM. In `sam_gradient`, ∇f is the ascent gradient g (th
 clean gradient on the ascent micro-batch) and ∇f_p the descent gradient.
 
 The paper also lets ρ follow the learning rate, between ρ_min and ρ_max
-(`rho_schedule`).
+(`gsam_rho_schedule`).
 """
 
 from typing import NamedTuple
@@ -84,7 +84,7 @@ def descent_direction(perturbed_grads, clean_grads, alpha) -> optax.Params:
     return jax.tree.map(combine, perturbed_grads, clean_grads)
 
 
-def rho_schedule(
+def gsam_rho_schedule(
     learning_rate: float | optax.Schedule,
     rho_max: float,
     rho_min: float,

@@ -312,7 +312,9 @@ models.EncoderDecoderModel.optimizer_def = %OPTIMIZER
 """
 
 
-@pytest.mark.parametrize("gin_file", ["sam.gin", "delta_sam.gin", "fsam.gin"])
+@pytest.mark.parametrize(
+    "gin_file", ["sam.gin", "delta_sam.gin", "fsam.gin", "gsam.gin", "esam.gin"]
+)
 def test_each_gin_file_is_one_include_for_a_finetune_run(gin_config, tmp_path, gin_file):
     (tmp_path / "model_like.gin").write_text(MODEL_LIKE_GIN)
     (tmp_path / "finetune_like.gin").write_text(
