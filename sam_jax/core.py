@@ -65,7 +65,8 @@ class SamMetrics(NamedTuple):
 
     Attributes:
       clean_loss: mean loss l(w) on the ascent micro-batch (unweighted).
-      perturbed_loss: mean loss l(w + ε) on the batch: the descent objective.
+      perturbed_loss: mean loss l(w + ε) on the batch: the descent objective
+        (with ESAM's data selection, still over the whole batch).
       grad_norm: ‖g‖₂ of the ascent gradient g = ∇ Σ_i p_i l_i with Σ_i p_i = 1
         (the mean loss's gradient for uniform weights).
       perturbation_norm: ‖ε‖₂.

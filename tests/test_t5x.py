@@ -483,6 +483,16 @@ VARIANTS = {
     ),
     "asam": (adafactor_optimizer, dict(rho=0.5, adaptive=True)),
     "m_sharpness": (adamw_optimizer, dict(rho=0.05, sharpness_m=2, num_microbatches=2)),
+    # ESAM's data selection of packed rows, then GSAM's direction.
+    "esam_gsam": (
+        adamw_optimizer,
+        dict(
+            rho=0.05,
+            esam=sam_jax.esam(beta=1.0, gamma=0.5),
+            surrogate_gap=sam_jax.gsam(0.3),
+            num_microbatches=2,
+        ),
+    ),
 }
 
 
