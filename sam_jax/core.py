@@ -407,7 +407,9 @@ def selected_descent_gradient(
     pass, which covered the whole group); the `efficient_sam.selected_per_shard` rows
     with the largest scores of every data shard make the batch whose descent
     gradient is taken (`descent_gradient`). The perturbed-loss metric and `aux`
-    are the scoring pass's, over the whole group, as without selection.
+    are the scoring pass's, over the whole group, as without selection. The
+    selected rows take new places in their microbatches, so with dropout their
+    descent pass draws other masks than their scoring pass did.
 
     Returns:
       Like `descent_gradient`: (gradient, (Σ loss, count), aux).

@@ -124,8 +124,9 @@ def select(batch, scores: jax.Array, per_shard: int, num_data_shards: int):
 
     Returns:
       A pytree of arrays [D·per_shard, ...], shard d's selected examples in
-      shard d's rows (in the order of their scores), so the selection stays
-      on its devices.
+      shard d's rows (in the order of their scores), so the examples stay on
+      their devices; XLA gathers only the scores (one float per row) for the
+      top-k.
     """
     by_shard = scores.reshape(num_data_shards, -1)
     _, indices = jax.lax.top_k(by_shard, per_shard)  # [D, per_shard]
