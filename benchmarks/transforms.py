@@ -17,12 +17,13 @@ and with the paper's finite differences; m-sharpness runs its 4 groups in
 parallel (vmap) and one at a time. The time to draw δ-SAM's random direction is
 printed after the table.
 
-FSAM's mask is refreshed once every `interval` steps: its time and FLOPs are
-amortised, ((interval − 1)·ordinary + refresh) / interval. Per-instance SAM
+FSAM's mask (also F_GSAM's and F_ESAM's) is refreshed once every `interval`
+steps: its time and FLOPs are amortised, ((interval − 1)·ordinary + refresh) /
+interval. ESAM's rows are also compared with SAM f=1, after the table. Per-instance SAM
 materialises one gradient per example, so it runs on a smaller batch and is
 compared with plain AdamW on that same batch.
 
-Usage: python benchmarks/transforms.py [--rounds=5] [--markdown]
+Usage: python benchmarks/transforms.py [--rounds=5] [--markdown] [--only=GSAM,ESAM]
 """
 
 import dataclasses
@@ -53,6 +54,9 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds over all variants.")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Examples per batch.")
 _PER_INSTANCE_BATCH = flags.DEFINE_integer("per_instance_batch", 8, "Batch of per-instance SAM.")
 _MARKDOWN = flags.DEFINE_bool("markdown", False, "Print the table as Markdown.")
+_ONLY = flags.DEFINE_list(
+    "only", [], "Measure only the variants whose names start with one of these (and baselines)."
+)
 
 INPUT_LENGTH, TARGET_LENGTH = 96, 32
 VOCAB_SIZE = 2048
@@ -163,6 +167,8 @@ def build_variants(model, params):
     def sam(**options):
         return sam_jax.sam(adamw, **options)
 
+    gsam = sam_jax.gsam(0.3)
+    esam = sam_jax.esam(beta=0.6, gamma=0.5)
     delta = sam_jax.delta_sam(1e-4)
     difference = sam_jax.delta_sam(1e-4, probe="finite_difference")
     draft = sam_jax.delta_sam_draft(3.0)
@@ -180,6 +186,12 @@ def build_variants(model, params):
         ("ASAM f=1", sam(rho=0.5, adaptive=True), f32),
         ("SAM m=4 parallel", sam(rho=rho, sharpness_m=4), f32),
         ("SAM m=4 serial", sam(rho=rho, sharpness_m=4, parallel_groups=1), f32),
+        ("GSAM f=1", sam(rho=rho, surrogate_gap=gsam), f32),
+        ("ESAM β=0.6 γ=0.5", sam(rho=rho, esam=esam), f32),
+        ("ESAM SWP β=0.6", sam(rho=rho, esam=sam_jax.esam(beta=0.6, gamma=1.0)), f32),
+        ("ESAM SDS γ=0.5", sam(rho=rho, esam=sam_jax.esam(beta=1.0, gamma=0.5)), f32),
+        ("F_GSAM f=1", sam(rho=rho, mask=fisher, surrogate_gap=gsam), f32),
+        ("F_ESAM β=0.6 γ=0.5", sam(rho=rho, mask=fisher, esam=esam), f32),
         ("AdamW bf16", adamw, bf16),
         ("SAM f=1/4 bf16", sam(**quarter), bf16),
         ("δ-SAM f=1/4 bf16", sam(**quarter, reweight=delta), bf16),
@@ -187,11 +199,14 @@ def build_variants(model, params):
         (small, adamw, (small, small_batch)),
         ("per-instance SAM", sam_jax.per_instance_sam(adamw, rho), (small, small_batch)),
     ]
+    baselines = {baseline for _, _, (baseline, _) in specs} | {"SAM f=1"}
     variants = {}
     for name, tx, (baseline, data) in specs:
+        if _ONLY.value and name not in baselines and not name.startswith(tuple(_ONLY.value)):
+            continue
         step_loss_fn = bf16_loss_fn if "bf16" in name else loss_fn
         variant = compile_variant(name, tx, params, data, step_loss_fn, baseline)
-        if name.startswith("FSAM"):
+        if name.startswith(("FSAM", "F_")):
             # The state after init refreshes at count 0; count 1 is an ordinary step.
             variant.refresh_state = variant.state
             variant.state = variant.state._replace(count=jnp.int32(1))
@@ -265,6 +280,19 @@ def report(variants, param_bytes):
             )
 
 
+def report_esam_against_sam(variants):
+    """ESAM's point is speed: its rows' time and FLOPs against SAM f=1's."""
+    sam_seconds, sam_cost = per_step(variants["SAM f=1"])
+    for name, variant in variants.items():
+        if "ESAM" in name:
+            seconds, cost = per_step(variant)
+            print(
+                f"{name} against SAM f=1: time × {seconds / sam_seconds:.2f}, "
+                f"FLOPs × {cost.flops / sam_cost.flops:.2f}",
+                flush=True,
+            )
+
+
 def report_random_direction(variants, params, rounds):
     """The cost of δ-SAM's random direction r ~ N(0, I), ‖r‖ = ρ, over all parameters."""
     draw = jax.jit(lambda key: perturbation.random_perturbation(key, params, 0.05))
@@ -294,6 +322,7 @@ def main(argv):
     variants = build_variants(model, params)
     measure(variants, params, _ROUNDS.value)
     report(variants, param_bytes)
+    report_esam_against_sam(variants)
     report_random_direction(variants, params, _ROUNDS.value)
 
 

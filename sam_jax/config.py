@@ -78,6 +78,8 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
 for _fn, _module in (
     (optax.adafactor, "optax"),
     (optax.adamw, "optax"),
+    (optax.amsgrad, "optax"),
+    (optax.adagrad, "optax"),
     (optax.constant_schedule, "optax"),
     (trainer_lib.rsqrt_schedule, "sam_jax.trainer"),
     (sam_jax.sam, "sam_jax"),
@@ -85,6 +87,9 @@ for _fn, _module in (
     (sam_jax.delta_sam, "sam_jax"),
     (sam_jax.delta_sam_draft, "sam_jax"),
     (sam_jax.fisher_mask, "sam_jax"),
+    (sam_jax.gsam, "sam_jax"),
+    (sam_jax.gsam_rho_schedule, "sam_jax"),
+    (sam_jax.esam, "sam_jax"),
     (t5.t5_1_1_config, "sam_jax.models.t5"),
     (task_models.encoder_decoder, "sam_jax.models.task_models"),
     (task_models.encoder_classifier, "sam_jax.models.task_models"),

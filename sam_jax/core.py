@@ -33,7 +33,8 @@ Groups and keys (the same rule everywhere):
   δ-SAM probes, descent) uses the same key. Per-instance SAM is m = N, so each
   example gets its own key.
 * δ-SAM's random direction r is drawn once per step, from
-  `reweight_key(key)`, and shared by all groups.
+  `reweight_key(key)`, and ESAM's weight mask from `efficient_sam.key_of(key)`; each is
+  shared by all groups (and, being drawn from the step's key, by all devices).
 """
 
 import dataclasses
@@ -46,9 +47,11 @@ import jax.numpy as jnp
 import optax
 
 from sam_jax import batching
+from sam_jax import efficient_sam
 from sam_jax import fisher
 from sam_jax import perturbation
 from sam_jax import reweighting
+from sam_jax import surrogate_gap as gsam
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 
@@ -62,7 +65,8 @@ class SamMetrics(NamedTuple):
 
     Attributes:
       clean_loss: mean loss l(w) on the ascent micro-batch (unweighted).
-      perturbed_loss: mean loss l(w + ε) on the batch: the descent objective.
+      perturbed_loss: mean loss l(w + ε) on the batch: the descent objective
+        (with ESAM's data selection, still over the whole batch).
       grad_norm: ‖g‖₂ of the ascent gradient g = ∇ Σ_i p_i l_i with Σ_i p_i = 1
         (the mean loss's gradient for uniform weights).
       perturbation_norm: ‖ε‖₂.
@@ -70,7 +74,8 @@ class SamMetrics(NamedTuple):
       weight_min: smallest instance weight in the ascent micro-batch.
       weight_max: largest instance weight.
       weight_entropy: entropy of the instance weights (log |M| when uniform).
-      mask_density: fraction of coordinates perturbed (1 without a mask).
+      mask_density: fraction of coordinates perturbed (1 without a mask): the
+        Fisher mask's, times ESAM's weight mask's when β < 1.
     """
 
     clean_loss: jax.Array
@@ -118,6 +123,9 @@ class SamConfig:
         m · num_data_shards · num_microbatches must divide the batch.
       reweight: `delta_sam(...)`, `delta_sam_draft(...)`, or None (uniform).
       mask: `fisher_mask(...)`, or None.
+      surrogate_gap: `gsam(alpha)` for GSAM's descent direction, or None.
+      esam: `esam(beta, gamma)` for ESAM's weight perturbation and data
+        selection, or None.
       adaptive: ASAM's scale-adaptive perturbation.
       adaptive_eta: η > 0 of ASAM's T_w = |w| + η.
       num_data_shards: D, shards of the example axis (the mesh's data axis).
@@ -132,6 +140,8 @@ class SamConfig:
     sharpness_m: int = 1
     reweight: reweighting.InstanceReweighting | None = None
     mask: fisher.FisherMask | None = None
+    surrogate_gap: gsam.SurrogateGap | None = None
+    esam: efficient_sam.Esam | None = None
     adaptive: bool = False
     adaptive_eta: float = 0.01
     num_data_shards: int = 1
@@ -164,6 +174,26 @@ class SamConfig:
             )
         if self.mask is not None and not isinstance(self.mask, fisher.FisherMask):
             raise TypeError(f"mask must be sam_jax.fisher_mask(...) or None, got {self.mask!r}.")
+        self._check_gsam_and_esam()
+
+    def _check_gsam_and_esam(self):
+        gap, efficient = self.surrogate_gap, self.esam
+        if gap is not None and not isinstance(gap, gsam.SurrogateGap):
+            raise TypeError(f"surrogate_gap must be sam_jax.gsam(...) or None, got {gap!r}.")
+        if efficient is not None and not isinstance(efficient, efficient_sam.Esam):
+            raise TypeError(f"esam must be sam_jax.esam(...) or None, got {efficient!r}.")
+        if gap is not None and self.reweight is not None:
+            raise ValueError(
+                "surrogate_gap (GSAM) splits the clean gradient ∇f of the mean loss, but with "
+                f"reweight={self.reweight.name} the ascent gradient is a reweighted one: use "
+                "one of them."
+            )
+        if efficient is not None and not efficient.selects_all and self.ascent_fraction != 1.0:
+            raise ValueError(
+                f"esam(gamma={efficient.gamma}) ranks every example by l(w + ε) − l(w), but "
+                f"with ascent_fraction={self.ascent_fraction} l(w) is computed for the ascent "
+                "micro-batch only: set ascent_fraction=1.0, or gamma=1.0."
+            )
 
 
 class SamGradientState(NamedTuple):
@@ -246,6 +276,23 @@ def _losses(step: StepContext, params, batch, key):
     return losses, aux
 
 
+def _losses_by_piece(step: StepContext, params, batch, key, count: int):
+    """`_losses` of each of `count` microbatches (its key `piece_key(key, j, count)`), stacked.
+
+    Returns:
+      `(losses, aux)`, with a leading axis [count] when count > 1.
+    """
+    if count == 1:
+        return _losses(step, params, batch, key)
+    pieces = batching.microbatches(batch, count, step.config.num_data_shards)
+
+    def piece_losses(indexed):
+        index, piece = indexed
+        return _losses(step, params, piece, batching.piece_key(key, index, count))
+
+    return jax.lax.map(piece_losses, (jnp.arange(count), pieces))
+
+
 def _row_losses(step: StepContext, params, batch, key):
     """Per-row losses [N] (a packed row's slots summed), for the Fisher mask."""
     losses = _losses(step, params, batch, key)[0]
@@ -266,15 +313,12 @@ def ascent_gradient(step: StepContext, ascent_batch, key, count: int):
     config, params = step.config, step.params
     shards = config.num_data_shards
     pieces = batching.microbatches(ascent_batch, count, shards)
-    indices = jnp.arange(count)
 
     def piece_losses(p, piece, index):  # flat: [n] or the [n, S] slots of packed rows
         return _losses(step, p, piece, batching.piece_key(key, index, count))[0].reshape(-1)
 
     def losses_at(p):  # all of M, in microbatch order
-        if count == 1:
-            return piece_losses(p, ascent_batch, 0)
-        return jax.lax.map(lambda ip: piece_losses(p, ip[1], ip[0]), (indices, pieces)).reshape(-1)
+        return _losses_by_piece(step, p, ascent_batch, key, count)[0].reshape(-1)
 
     present = None
     if step.present_of is not None:
@@ -345,6 +389,55 @@ def descent_gradient(step: StepContext, group, key, adversarial_params):
     return grads, (loss_sum, examples), aux
 
 
+def _row_sums(losses, present, num_rows: int):
+    """Per-row loss sums [num_rows] float32 (a packed row's present slots summed)."""
+    losses = losses.astype(jnp.float32).reshape(num_rows, -1)
+    if present is not None:
+        losses = jnp.where(present.reshape(num_rows, -1), losses, 0.0)
+    return jnp.sum(losses, axis=-1)
+
+
+def selected_descent_gradient(
+    step: StepContext, group, key, adversarial_params, clean_losses, present
+):
+    """ESAM's data selection: the descent gradient of the γ of the group that rose most.
+
+    A forward pass at w + ε over the whole group scores every row by
+    l(w + ε) − l(w) (summed over a packed row's examples; l(w) from the ascent
+    pass, which covered the whole group); the `efficient_sam.selected_per_shard` rows
+    with the largest scores of every data shard make the batch whose descent
+    gradient is taken (`descent_gradient`). The perturbed-loss metric and `aux`
+    are the scoring pass's, over the whole group, as without selection. The
+    selected rows take new places in their microbatches, so with dropout their
+    descent pass draws other masks than their scoring pass did.
+
+    Returns:
+      Like `descent_gradient`: (gradient, (Σ loss, count), aux).
+    """
+    config = step.config
+    count, shards = config.num_microbatches, config.num_data_shards
+    rows = batching.batch_size(group)
+    losses, aux = _losses_by_piece(step, adversarial_params, group, key, count)
+    rise = _row_sums(losses, present, rows) - _row_sums(clean_losses, present, rows)
+    scores = efficient_sam.batch_order(jax.lax.stop_gradient(rise), count, shards)
+    per_shard = efficient_sam.selected_per_shard(rows, config.esam.gamma, shards, count)
+    selected = efficient_sam.select(group, scores, per_shard, shards)
+    grads, _, _ = descent_gradient(step, selected, key, adversarial_params)
+    return grads, _loss_sum_and_count(losses, present), aux
+
+
+def _clean_gradient(grads, present):
+    """∇ of the clean loss's mean over all of M's entries, from g (uniform over present ones).
+
+    The descent objective is a mean over all entries, a packed row's absent
+    slots included; g averages over the present ones. GSAM compares the two.
+    """
+    if present is None:
+        return grads
+    share = jnp.mean(present.astype(jnp.float32))
+    return jax.tree.map(lambda g: (g * share).astype(g.dtype), grads)
+
+
 def _mean(total_and_count):
     total, count = total_and_count
     return total / jnp.maximum(count, 1.0)
@@ -374,7 +467,11 @@ def plain_group_gradient(step: StepContext, group, key):
 
 
 def group_gradient(step: StepContext, group, key):
-    """Ascent on the group's micro-batch, ε, and the descent gradient at w + ε."""
+    """Ascent on the group's micro-batch, ε, and the descent gradient at w + ε.
+
+    With ESAM the descent uses the selected examples (`selected_descent_gradient`);
+    with GSAM the result is `gsam.descent_direction` of it and the ascent gradient.
+    """
     config = step.config
     if is_plain(config.rho):
         return plain_group_gradient(step, group, key)
@@ -384,15 +481,24 @@ def group_gradient(step: StepContext, group, key):
     ascent_batch = batching.ascent_slice(group, size, shards)
     count = batching.ascent_microbatch_count(size, group_size // config.num_microbatches, shards)
     grads, clean_losses, weights, present = ascent_gradient(step, ascent_batch, key, count)
-    eps = perturbation.ascent_perturbation(
+    swp = config.esam is not None and not config.esam.perturbs_all
+    eps = perturbation.ascent_perturbation(  # ESAM: ρ/β on the coordinates kept
         grads,
         step.params,
-        step.rho,
+        step.rho / config.esam.beta if swp else step.rho,
         mask=step.coordinate_mask,
         adaptive_eta=config.adaptive_eta if config.adaptive else None,
     )
     adversarial_params = perturbation.perturbed(step.params, eps.epsilon)
-    descent, perturbed_loss, aux = descent_gradient(step, group, key, adversarial_params)
+    if config.esam is not None and not config.esam.selects_all:
+        descent, perturbed_loss, aux = selected_descent_gradient(
+            step, group, key, adversarial_params, clean_losses, present
+        )
+    else:
+        descent, perturbed_loss, aux = descent_gradient(step, group, key, adversarial_params)
+    if config.surrogate_gap is not None:
+        clean = _clean_gradient(grads, present)
+        descent = gsam.descent_direction(descent, clean, config.surrogate_gap.alpha)
     spread = reweighting.statistics(weights, present)
     metrics = SamMetrics(
         clean_loss=_mean(_loss_sum_and_count(clean_losses, present)),
@@ -464,11 +570,13 @@ def _with_refreshed_mask(step: StepContext, state: SamGradientState, batch, key)
 
 
 def _with_mask_and_direction(step: StepContext, state: SamGradientState, batch, key):
-    """The step with this step's Fisher mask and δ-SAM's direction r, as configured.
+    """The step with this step's Fisher mask, ESAM's weight mask and δ-SAM's r, as configured.
+
+    The coordinates perturbed are those of both masks.
 
     Returns:
-      `(step, mask_state, mask_density)`. With ρ the constant 0 neither is
-      computed: the mask would perturb nothing and r would weigh nothing.
+      `(step, mask_state, mask_density)`. With ρ the constant 0 none is
+      computed: the masks would perturb nothing and r would weigh nothing.
     """
     config, plain = step.config, is_plain(step.config.rho)
     if config.mask is None or plain:
@@ -476,6 +584,11 @@ def _with_mask_and_direction(step: StepContext, state: SamGradientState, batch, 
     else:
         step, mask_state = _with_refreshed_mask(step, state, batch, key)
         density = mask_state.density
+    if config.esam is not None and not config.esam.perturbs_all and not plain:
+        kept = efficient_sam.weight_mask(efficient_sam.key_of(key), step.params, config.esam.beta)
+        if step.coordinate_mask is not None:
+            kept = jax.tree.map(jnp.logical_and, step.coordinate_mask, kept)
+        step, density = step._replace(coordinate_mask=kept), efficient_sam.density(kept)
     if config.reweight is not None and not plain:
         direction = perturbation.random_perturbation(reweight_key(key), step.params, step.rho)
         step = step._replace(direction=direction)
@@ -504,6 +617,14 @@ def sam_gradient(
     3. ε = ρ · T ⊙ m ⊙ (T g) / ‖T g‖ (T = |w| + η for ASAM, Kwon et al. 2021,
        else 1; m the Fisher mask of FSAM, Zhong et al. 2022, else 1), float32.
     4. The descent gradient ∇ mean_{i∈B_g} l_i(w + ε) (unweighted).
+
+    Two more options change steps 3 and 4:
+
+    * `esam` (Du et al. 2022): ε is kept on a random fraction β of the
+      coordinates and divided by β; the descent uses only the fraction γ of
+      B_g's examples whose loss rose most under ε (see `sam_jax.esam`).
+    * `surrogate_gap` (GSAM, Zhuang et al. 2022): the result of step 4 becomes
+      ∇f_p − α ∇f_⊥, ∇f_⊥ the part of g orthogonal to it (see `sam_jax.gsam`).
 
     The groups' gradients are averaged. See the module docstring for how groups
     and dropout keys are assigned. With ρ the constant 0 every variant is the
@@ -541,6 +662,10 @@ def sam_gradient(
     if config.reweight is not None and key is None and not plain:
         raise ValueError(
             f"reweight={config.reweight.name} draws a random perturbation every step: pass `key`."
+        )
+    if config.esam is not None and not config.esam.perturbs_all and key is None and not plain:
+        raise ValueError(
+            f"esam(beta={config.esam.beta}) draws a random weight mask every step: pass `key`."
         )
     num_examples = batching.batch_size(batch)
     _check_batch(config, num_examples)

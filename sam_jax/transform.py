@@ -8,7 +8,9 @@ One transformation covers the SAM family used for language models:
 * m-sharpness (Foret et al. 2021): m groups, each with its own perturbation;
 * δ-SAM instance reweighting of the ascent batch (Zhou et al. 2022);
 * FSAM's Fisher mask on the perturbation (Zhong et al. 2022);
-* ASAM's scale-adaptive perturbation (Kwon et al. 2021).
+* ASAM's scale-adaptive perturbation (Kwon et al. 2021);
+* GSAM's surrogate-gap guided descent direction (Zhuang et al. 2022);
+* ESAM's stochastic weight perturbation and data selection (Du et al. 2022).
 
 The transform computes its own gradient from the loss function, so it takes a
 `pending_gradient(params)` placeholder where Optax expects a gradient, and the
@@ -37,9 +39,11 @@ import numpy as np
 import optax
 
 from sam_jax import core
+from sam_jax import efficient_sam
 from sam_jax import fisher
 from sam_jax import pending
 from sam_jax import reweighting
+from sam_jax import surrogate_gap as gsam
 
 ScalarOrSchedule = core.ScalarOrSchedule
 SamMetrics = core.SamMetrics
@@ -231,6 +235,8 @@ def sam(
     num_data_shards: int = 1,
     num_microbatches: int = 1,
     parallel_groups: int | None = None,
+    surrogate_gap: gsam.SurrogateGap | None = None,
+    esam: efficient_sam.Esam | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Sharpness-Aware Minimization around any Optax optimizer.
 
@@ -246,7 +252,11 @@ def sam(
     4. The descent gradient ∇ mean_{i∈B_g} l_i(w + ε) (unweighted).
 
     The group gradients are averaged and given to `optimizer`, which updates
-    the original w. This is Bahri et al. (2022) Algorithm 1.
+    the original w. This is Bahri et al. (2022) Algorithm 1. With `esam`, ε is
+    kept on a random fraction β of the coordinates (divided by β) and step 4
+    uses the fraction γ of B_g whose loss rose most; with `surrogate_gap`,
+    step 4's gradient ∇f_p becomes GSAM's ∇f_p − α ∇f_⊥ (∇f_⊥: the part of g
+    orthogonal to ∇f_p).
 
     Example::
 
@@ -255,6 +265,10 @@ def sam(
                        mask=sam_jax.fisher_mask(sparsity=0.9, interval=100))
       step = sam_jax.update_from_loss(tx, opt_state, params, loss_fn, batch, key)
       params = optax.apply_updates(params, step.updates)
+
+      # F_GSAM and F_ESAM (FSAM's Table 6):
+      sam_jax.sam(opt, rho, mask=sam_jax.fisher_mask(), surrogate_gap=sam_jax.gsam(0.3))
+      sam_jax.sam(opt, rho, mask=sam_jax.fisher_mask(), esam=sam_jax.esam(0.6, 0.5))
 
     Args:
       optimizer: the descent optimizer (AdamW, Adafactor, any chain).
@@ -279,6 +293,10 @@ def sam(
         k > 1 microbatch j gets `fold_in(key, j)`, so dropout masks differ
         across microbatches.
       parallel_groups: m-sharpness groups computed at once (None: all).
+      surrogate_gap: `gsam(alpha)`: GSAM's descent direction (not with
+        `reweight`); its ρ schedule is `gsam_rho_schedule(...)`, passed as `rho`.
+      esam: `esam(beta, gamma)`: ESAM's weight perturbation (β < 1 needs `key`)
+        and data selection (γ < 1 needs `ascent_fraction=1`).
 
     Returns:
       An `optax.GradientTransformationExtraArgs` whose `update` takes
@@ -306,6 +324,8 @@ def sam(
         "mask": mask,
         "adaptive": adaptive,
         "adaptive_eta": adaptive_eta,
+        "surrogate_gap": surrogate_gap,
+        "esam": esam,
     }
     traced = {
         name: v for name, v in shape_settings.items() if _concrete(v) is None and v is not None

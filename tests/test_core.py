@@ -57,6 +57,12 @@ def _gradient(params, batch, key, loss_fn=_dropout_loss, **config):
         dict(ascent_fraction=0.25, reweight=sam_jax.delta_sam()),
         dict(mask=sam_jax.fisher_mask(sparsity=0.5, interval=2), adaptive=True),
         dict(sharpness_m=2, num_microbatches=2, reweight=sam_jax.delta_sam_draft()),
+        dict(
+            num_microbatches=2,
+            mask=sam_jax.fisher_mask(sparsity=0.5, interval=2),
+            surrogate_gap=sam_jax.gsam(0.3),
+            esam=sam_jax.esam(0.5, 0.5),
+        ),
     ],
 )
 def test_sam_transform_is_the_core_gradient_then_the_optimizer(config):

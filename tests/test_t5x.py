@@ -312,7 +312,9 @@ models.EncoderDecoderModel.optimizer_def = %OPTIMIZER
 """
 
 
-@pytest.mark.parametrize("gin_file", ["sam.gin", "delta_sam.gin", "fsam.gin"])
+@pytest.mark.parametrize(
+    "gin_file", ["sam.gin", "delta_sam.gin", "fsam.gin", "gsam.gin", "esam.gin"]
+)
 def test_each_gin_file_is_one_include_for_a_finetune_run(gin_config, tmp_path, gin_file):
     (tmp_path / "model_like.gin").write_text(MODEL_LIKE_GIN)
     (tmp_path / "finetune_like.gin").write_text(
@@ -481,6 +483,16 @@ VARIANTS = {
     ),
     "asam": (adafactor_optimizer, dict(rho=0.5, adaptive=True)),
     "m_sharpness": (adamw_optimizer, dict(rho=0.05, sharpness_m=2, num_microbatches=2)),
+    # ESAM's data selection of packed rows, then GSAM's direction.
+    "esam_gsam": (
+        adamw_optimizer,
+        dict(
+            rho=0.05,
+            esam=sam_jax.esam(beta=1.0, gamma=0.5),
+            surrogate_gap=sam_jax.gsam(0.3),
+            num_microbatches=2,
+        ),
+    ),
 }
 
 

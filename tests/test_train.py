@@ -570,6 +570,10 @@ SAM_VARIANTS = [
     "delta_sam_draft",
     "fsam",
     "per_instance",
+    "gsam",
+    "esam",
+    "fgsam",
+    "fesam",
 ]
 
 

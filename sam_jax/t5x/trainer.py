@@ -167,6 +167,9 @@ class SamTrainer(trainer_lib.Trainer):
       fisher_mask_required: the run asked for FSAM (`gin/t5x/fsam.gin` sets
         it): an error unless the model's optimizer is a `FisherMaskOptimizer`,
         rather than silently plain SAM.
+      surrogate_gap: `sam_jax.gsam(alpha)` for GSAM's descent direction, or None.
+      esam: `sam_jax.esam(beta, gamma)` for ESAM, or None (γ < 1 selects packed
+        rows, by the summed loss rise of their examples).
     """
 
     def __init__(
@@ -189,6 +192,8 @@ class SamTrainer(trainer_lib.Trainer):
         weight_metrics_computer=None,
         parallel_groups: int | None = None,
         fisher_mask_required: bool = False,
+        surrogate_gap=None,
+        esam=None,
     ):
         if train_state.flax_mutables:
             raise ValueError("SamTrainer does not support models with flax mutable collections.")
@@ -220,6 +225,8 @@ class SamTrainer(trainer_lib.Trainer):
             num_data_shards=partitioner.data_mesh_size,
             num_microbatches=num_microbatches or 1,
             parallel_groups=parallel_groups,
+            surrogate_gap=surrogate_gap,
+            esam=esam,
         )
         per_example.check_linear_in_weights(model)
         super().__init__(
