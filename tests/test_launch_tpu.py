@@ -540,7 +540,7 @@ def test_dry_run_run_t5x(sandbox):
     venv = '"$HOME"/sam_jax_venv'
     assert script == (
         f"if pgrep -f '{TRAIN_PATTERN}' >/dev/null; then echo \"$(hostname):"
-        ' training (sam_jax.train, sam_jax.reproduce or t5x.train) is already running; use'
+        " training (sam_jax.train, sam_jax.reproduce or t5x.train) is already running; use"
         ' kill first" >&2;'
         " exit 1; fi"
         f" && test -x {venv}/bin/python || {{ printf '%s: %s not found; run setup first\\n'"
