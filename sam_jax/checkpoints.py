@@ -339,7 +339,8 @@ class Checkpointer:
             yield
         except Exception as error:  # noqa: BLE001  (orbax raises many types, some bare)
             reason = " ".join(f"{type(error).__name__}: {error}".split())
-            raise DamagedCheckpointError(self.directory, step, reason[:300]) from error
+            reason = reason.split(" See full TensorStore details")[0]  # a repr of its spec follows
+            raise DamagedCheckpointError(self.directory, step, reason[:200]) from error
 
     def has_iterator(self, step: int) -> bool:
         """Whether `step` holds this process's iterator position.

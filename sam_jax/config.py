@@ -371,6 +371,36 @@ def _used_by_gin_files(reference: str) -> str:
     return f" {' and '.join(sorted(users)[:2])} {verb} it: is a --gin_file missing?"
 
 
+class ConfigChange(NamedTuple):
+    """A binding whose value differs between two configs ('unset' where one lacks it)."""
+
+    binding: str
+    saved: str
+    new: str
+
+    def __str__(self) -> str:
+        return f"{self.binding}: {self.saved} → {self.new}"
+
+
+def config_changes(saved: str, new: str) -> list[ConfigChange]:
+    """The bindings (macros resolved) that differ between two `gin.config_str()` texts.
+
+    Example::
+
+      config_changes("train.seed = %SEED\nSEED = 0", "train.seed = 1")
+      # [ConfigChange('train.seed', '0', '1')]
+    """
+    values = []
+    for text in (saved, new):
+        parsed = read_gin_text([], [text])
+        values.append({key: repr(parsed.resolved(v)) for key, v in parsed.bindings.items()})
+    return [
+        ConfigChange(key, values[0].get(key, "unset"), values[1].get(key, "unset"))
+        for key in sorted(set(values[0]) | set(values[1]))
+        if values[0].get(key) != values[1].get(key)
+    ]
+
+
 def _binding_error(binding: str, error: BaseException) -> str:
     """The one-line message of a binding gin cannot parse, with the likely fix."""
     name, _, value = binding.partition("=")
