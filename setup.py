@@ -56,7 +56,8 @@ setuptools.setup(
     extras_require={"flax": FLAX, "train": TRAIN, "test": TEST, "tpu": TPU},
     entry_points={
         "console_scripts": [
-            "sam_jax_train = sam_jax.train:main",
+            # Imports sam_jax.train when run: without the [train] extra, one line says so.
+            "sam_jax_train = sam_jax.errors:train_script",
             "sam_jax_compare = sam_jax.compare:main",
         ]
     },

@@ -11,6 +11,7 @@ holds the project's gin files.
 """
 
 import difflib
+import functools
 import os
 import re
 import tokenize
@@ -298,9 +299,33 @@ def _names_match(reference: str, selector: str) -> bool:
     )
 
 
-def _did_you_mean(name: str, names: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, sorted(set(names)), n=1)
-    return f" Did you mean {close[0]}?" if close else ""
+def _close_name(name: str, names: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(name, sorted(set(names) - {name}), n=1)
+    return close[0] if close else None
+
+
+@functools.cache
+def _trainer_gin_files() -> dict[str, str]:
+    """{'gin/<path>': text} of the project's gin files for this trainer (gin/t5x/ is T5X's)."""
+    texts = {}
+    for root, _, names in os.walk(GIN_DIR):
+        if os.path.relpath(root, GIN_DIR).split(os.sep)[0] == "t5x":
+            continue
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, encoding="utf-8") as f:
+                texts[os.path.relpath(path, os.path.dirname(GIN_DIR))] = f.read()
+    return dict(sorted(texts.items()))
+
+
+def _used_by_gin_files(reference: str) -> str:
+    """' <file> uses it: is a --gin_file missing?' for the trainer's gin files that mention it."""
+    pattern = re.compile(rf"(^|[^\w.%]){re.escape(reference)}(?!\w)", re.MULTILINE)
+    users = [path for path, text in _trainer_gin_files().items() if pattern.search(text)]
+    if not users:
+        return " Check the name and the --gin_file list."
+    verb = "uses" if len(users) == 1 else "use"
+    return f" {' and '.join(users[:2])} {verb} it: is a --gin_file missing?"
 
 
 def check_gin_usage(text: GinText, root: str = "train") -> None:
@@ -324,13 +349,21 @@ def check_gin_usage(text: GinText, root: str = "train") -> None:
         for ref in _references(value)
         if isinstance(ref, Macro)
     }
+    project_macros = {
+        match for text_ in _trainer_gin_files().values() for match in re.findall(r"%(\w+)", text_)
+    }
     for name in text.macros:
-        hint = _did_you_mean(name, (set(text.macros) | referenced) - {name})
-        check(
-            name in referenced,
-            f"{name} (at {text.where[name]}) is set but nothing uses it."
-            f"{hint}{_used_by_gin_files('%' + name)}",
-        )
+        if name in referenced:
+            continue
+        if name in project_macros:  # a macro of a gin file the run does not include
+            close, where = None, _used_by_gin_files(f"%{name}")
+        elif close := _close_name(name, set(text.macros) | referenced):  # a typo
+            where = " Check the name and the --gin_file list."
+        else:  # a typo of a macro of a gin file the run does not include?
+            close = _close_name(name, project_macros)
+            where = _used_by_gin_files(f"%{close or name}")
+        hint = f" Did you mean {close}?" if close else ""
+        check(False, f"{name} (at {text.where[name]}) is set but nothing uses it.{hint}{where}")
     used, frontier = set(), [root]
     while frontier:
         name = frontier.pop()

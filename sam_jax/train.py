@@ -22,17 +22,26 @@ Flags:
                       gin/ directory, installed as sam_jax/gin), the directory
                       above them (for 'gin/runs/...' paths) and the cwd.
   --module_import     modules that register seqio tasks (default: `sam_jax.tasks`).
+  --allow_config_change
+                      resume even if the config changes the optimizer state or
+                      the data order (see `check_restart`).
   --coordinator_address, --num_processes, --process_id
                       a multi-process run on machines JAX does not detect.
 
 The run writes checkpoints, TensorBoard summaries, `metrics.jsonl`,
 `curves.png` and `config.gin` in MODEL_DIR, evaluates every task of the
 mixture with its seqio metrics every EVAL_PERIOD steps and records the best
-checkpoint per task-metric. Rerunning the same command resumes from the latest
-checkpoint (and the input position saved with it); SIGTERM or SIGINT saves a
-checkpoint and stops (in a multi-process run, a signal to any process stops all
-of them at the same step: see `StopSignals`). Invalid input stops with a
-one-line error before anything is written.
+checkpoint per task-metric. Rerunning the same command resumes from the newest
+checkpoint that can be read (and the input position saved with it; a damaged
+newer one is renamed `<step>.damaged`, never deleted), once its config matches
+the saved one (`check_restart`). SIGTERM or SIGINT saves a checkpoint and stops
+(in a multi-process run, a signal to any process stops all of them at the same
+step: see `StopSignals`). Invalid input stops with a one-line error before
+anything is written.
+
+Exit status: 0 when the run finished (or evaluated); 1 for invalid input
+(nothing written); 128 + N when signal N stopped it after saving a checkpoint
+(SIGTERM 143, SIGINT 130): rerun the same command to resume.
 """
 
 import importlib
