@@ -496,13 +496,6 @@ def train(
     if os.path.isdir(checkpoint_dir):
         checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)
     try:
-        restart = check_restart(
-            model_dir,
-            checkpointer and checkpointer.latest_step(),
-            train_steps=train_steps,
-            eval_only=eval_only,
-            allow_config_change=allow_config_change,
-        )
         try:
             mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
             model = model.for_task(mixture_or_task)
@@ -544,6 +537,13 @@ def train(
         except (ValueError, TypeError) as error:
             raise config.ConfigError(config.one_line(error)) from error
         logging.info("%s; %s", setup.partitioner, model)
+        restart = check_restart(
+            model_dir,
+            checkpointer and checkpointer.latest_step(),
+            train_steps=train_steps,
+            eval_only=eval_only,
+            allow_config_change=allow_config_change,
+        )
 
         start = start_state(
             setup,
@@ -1075,15 +1075,14 @@ def exit_status(result: TrainResult) -> int:
 
 
 def _main(argv: Sequence[str]) -> None:
-    with QuietNativeLogs():
-        # Before anything else touches JAX: joining a cluster needs an uninitialized backend.
-        partitioning.initialize_distributed(
-            _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-        )
-        try:
-            result = run(argv)
-        except config.ConfigError as error:
-            sys.exit(f"error: {error.message}")
+    # Before anything else touches JAX: joining a cluster needs an uninitialized backend.
+    partitioning.initialize_distributed(
+        _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+    )
+    try:
+        result = run(argv)
+    except config.ConfigError as error:
+        sys.exit(f"error: {error.message}")
     sys.exit(exit_status(result))
 
 
@@ -1103,7 +1102,8 @@ def _parse_flags(argv: Sequence[str]) -> list[str]:
 
 def main() -> None:
     """The console script `sam_jax_train`: `python -m sam_jax.train` with the same flags."""
-    app.run(_main, flags_parser=_parse_flags)
+    with QuietNativeLogs():  # absl's initialisation already starts TensorFlow's devices
+        app.run(_main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
