@@ -299,6 +299,12 @@ def _names_match(reference: str, selector: str) -> bool:
     )
 
 
+def _in_project_gin_file(where: str) -> bool:
+    """Whether a `GinText.where` location ('file:line') is in one of the project's gin files."""
+    path = os.path.realpath(where.rsplit(":", 1)[0])
+    return path.startswith(os.path.realpath(GIN_DIR) + os.sep)
+
+
 def _close_name(name: str, names: Iterable[str]) -> str | None:
     close = difflib.get_close_matches(name, sorted(set(names) - {name}), n=1)
     return close[0] if close else None
@@ -333,6 +339,9 @@ def check_gin_usage(text: GinText, root: str = "train") -> None:
 
     A configurable is used if `root` references it, or a used configurable does
     (through macros too); a macro is used if some binding or macro refers to it.
+    What the project's gin files (`GIN_DIR`) set is exempt: their defaults may be
+    left unused by the run's own settings (`--gin.t5_1_1_config.vocab_size=...`
+    leaves tiny.gin's VOCAB_SIZE unused).
 
     Raises:
       ConfigError: naming the first unused macro or binding, and a close name.
@@ -353,7 +362,7 @@ def check_gin_usage(text: GinText, root: str = "train") -> None:
         match for text_ in _trainer_gin_files().values() for match in re.findall(r"%(\w+)", text_)
     }
     for name in text.macros:
-        if name in referenced:
+        if name in referenced or _in_project_gin_file(text.where[name]):
             continue
         if name in project_macros:  # a macro of a gin file the run does not include
             close, where = None, _used_by_gin_files(f"%{name}")
@@ -381,7 +390,7 @@ def check_gin_usage(text: GinText, root: str = "train") -> None:
     for key in text.bindings:
         selector = key.rsplit(".", 1)[0]
         check(
-            selector in used,
+            selector in used or _in_project_gin_file(text.where[key]),
             f"{key} (at {text.where[key]}) is bound, but the run never calls "
             f"{selector}.{_used_by_gin_files(selector + '.')}",
         )

@@ -61,6 +61,7 @@ from typing import NamedTuple
 
 import gin
 import jax
+import numpy as np
 import optax
 from absl import app
 from absl import flags
@@ -810,14 +811,22 @@ def start_state(
     """
     damaged: list[checkpoints.DamagedCheckpointError] = []
     for step in reversed(checkpointer.all_steps() if checkpointer else []):
+        error = None
         try:
             logging.info("Restoring the checkpoint of step %d from %s.", step, model_dir)
             state = checkpointer.restore(setup.abstract_state, step=step)
             batches = None
             if batch_arguments is not None:
                 batches = resume_batches(checkpointer, step, **batch_arguments)
-        except checkpoints.DamagedCheckpointError as error:
-            damaged.append(error)
+        except checkpoints.DamagedCheckpointError as damage:
+            error = damage
+        if not _on_every_process(error is None):  # each process reads its own shards
+            damaged.append(
+                error
+                or checkpoints.DamagedCheckpointError(
+                    checkpointer.directory, step, "another process cannot read it"
+                )
+            )
             continue
         for error in damaged:
             kept = "kept in place"
@@ -840,6 +849,13 @@ def start_state(
     else:
         state = setup.init_state()
     return Start(state, 0, data.train_batches(**batch_arguments), fell_back=False)
+
+
+def _on_every_process(condition: bool) -> bool:
+    """Whether `condition` holds on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return condition
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(condition))))
 
 
 def checked_first_batch(setup: TrainSetup, batches: data.TrainBatches) -> dict[str, Any]:

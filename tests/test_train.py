@@ -527,6 +527,7 @@ STEP_DAMAGE = {
 }  # (tests/test_checkpoints.py also removes the state item)
 
 
+@pytest.mark.slow  # a resume per kind of damage (tests/test_checkpoints.py: each kind, fast)
 @pytest.mark.parametrize("damage", sorted(STEP_DAMAGE))
 def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(
     delta_sam_run, tmp_path, caplog, damage
