@@ -148,7 +148,8 @@ def test_defaults_of_the_project_gin_files_may_be_left_unused():
     """`--gin.t5_1_1_config.vocab_size=128` leaves tiny.gin's VOCAB_SIZE unused: not an error.
     The same macro set on the command line is."""
     tiny = f"{config.GIN_DIR}/models/t5_1_1/tiny.gin:11"
-    text = config.GinText({"_root.steps": 1}, {"VOCAB_SIZE": 1280}, {"VOCAB_SIZE": tiny})
+    where = {"_root.steps": "--gin._root.steps", "VOCAB_SIZE": tiny}
+    text = config.GinText({"_root.steps": 1}, {"VOCAB_SIZE": 1280}, where)
     config.check_gin_usage(text, root="_root")
     text.where["VOCAB_SIZE"] = "--gin.VOCAB_SIZE"
     with pytest.raises(config.ConfigError, match=r"^VOCAB_SIZE \(at --gin\.VOCAB_SIZE\) is set"):
