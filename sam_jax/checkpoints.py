@@ -197,6 +197,8 @@ class Checkpointer:
 
     Attributes:
       directory: the absolute checkpoint directory (one sub-directory per step).
+      best_was_damaged: the best-checkpoint table on disk could not be read (it is
+        kept as `best_checkpoints.json.damaged`; `rebuild_best` makes a new one).
     """
 
     def __init__(self, directory: str, max_to_keep: int | None = 3, async_save: bool = True):
@@ -337,7 +339,7 @@ class Checkpointer:
         """Turns any error of reading `step` (orbax, TensorStore, tf.data) into one type."""
         try:
             yield
-        except Exception as error:  # noqa: BLE001  (orbax raises many types, some bare)
+        except Exception as error:  # orbax raises many types, some a bare Exception
             reason = " ".join(f"{type(error).__name__}: {error}".split())
             reason = reason.split(" See full TensorStore details")[0]  # a repr of its spec follows
             raise DamagedCheckpointError(self.directory, step, reason[:200]) from error
@@ -391,15 +393,19 @@ class Checkpointer:
         Returns:
           The table {'task/metric': Best(value, step)} after this update.
         """
+        if self._improve(step, metrics) and jax.process_index() == 0:
+            self._write_best()
+        return self.best()
+
+    def _improve(self, step: int, metrics: Mapping[str, float]) -> bool:
+        """Records the values of `metrics` that beat the table; whether any did."""
         changed = False
         for metric, value in metrics.items():
             value = float(value)
             if improves(metric, value, self._best.get(metric)):
                 self._best[metric] = Best(value, int(step))
                 changed = True
-        if changed and jax.process_index() == 0:
-            self._write_best()
-        return self.best()
+        return changed
 
     def best(self) -> dict[str, Best]:
         """The table {'task/metric': Best(value, step)} of best eval values."""
@@ -426,9 +432,7 @@ class Checkpointer:
         """
         self._best = {}
         for step, metrics in evals:
-            for metric, value in metrics.items():
-                if improves(metric, float(value), self._best.get(metric)):
-                    self._best[metric] = Best(float(value), int(step))
+            self._improve(step, metrics)
         if jax.process_index() == 0:
             self._write_best()
         return self.best()
