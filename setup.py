@@ -56,8 +56,9 @@ setuptools.setup(
     extras_require={"flax": FLAX, "train": TRAIN, "test": TEST, "tpu": TPU},
     entry_points={
         "console_scripts": [
-            "sam_jax_train = sam_jax.train:main",
-            "sam_jax_reproduce = sam_jax.reproduce:main",
+            # Import their module when run: without the [train] extra, one line says so.
+            "sam_jax_train = sam_jax.errors:train_script",
+            "sam_jax_reproduce = sam_jax.errors:reproduce_script",
         ]
     },
     license="Apache-2.0",

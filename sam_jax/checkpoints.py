@@ -21,6 +21,11 @@ A step directory holds `default/` (the state: orbax's single-item name, so
 checkpoints written before iterator positions were saved still restore) and,
 if saved with an iterator, `train_ds/process_<i>-of-<n>/`.
 
+A step that cannot be read (truncated data, a missing `_METADATA` or item,
+an emptied directory, an unreadable iterator position) raises
+`DamagedCheckpointError` on restore; `set_aside` renames it to
+`<step>.damaged` (never deleting it) so that a run can go on from an older step.
+
 Example::
 
   checkpointer = Checkpointer("/tmp/run1/checkpoints", max_to_keep=3)
@@ -35,10 +40,12 @@ Example::
   checkpointer.close()
 """
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterable
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -47,14 +54,32 @@ from typing import Protocol
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import linen as nn
+from jax.experimental import multihost_utils
 
 BEST_CHECKPOINTS_FILE = "best_checkpoints.json"
+# What a damaged step directory (or best-checkpoint table) is renamed to: not a step for orbax.
+DAMAGED_SUFFIX = ".damaged"
 # The orbax items of a step: the state (orbax's name for a single item, as
 # earlier versions saved it alone) and the processes' input-iterator positions.
 STATE_ITEM = "default"
 ITERATOR_ITEM = "train_ds"
+
+
+class DamagedCheckpointError(Exception):
+    """A saved step that cannot be restored (its files are damaged or incomplete).
+
+    Attributes:
+      step: the step.
+      reason: what failed, on one line.
+    """
+
+    def __init__(self, directory: str, step: int, reason: str):
+        super().__init__(f"The checkpoint of step {step} in {directory} cannot be read: {reason}")
+        self.step = step
+        self.reason = reason
 
 
 class Best(NamedTuple):
@@ -172,6 +197,8 @@ class Checkpointer:
 
     Attributes:
       directory: the absolute checkpoint directory (one sub-directory per step).
+      best_was_damaged: the best-checkpoint table on disk could not be read (it is
+        kept as `best_checkpoints.json.damaged`; `rebuild_best` makes a new one).
     """
 
     def __init__(self, directory: str, max_to_keep: int | None = 3, async_save: bool = True):
@@ -222,6 +249,29 @@ class Checkpointer:
         """The latest complete checkpoint's step, or None if there is none."""
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        """The saved steps, oldest first."""
+        return sorted(self._manager.all_steps())
+
+    def set_aside(self, step: int) -> str:
+        """Renames a damaged step's directory to `<step>.damaged` (`-<n>` if taken); never deletes.
+
+        The step is then no longer a checkpoint (orbax ignores the name), so a run
+        can save that step again. Process 0 renames; every process must call it.
+
+        Returns:
+          The new path.
+        """
+        self.wait_until_finished()
+        source = os.path.join(self.directory, str(step))
+        target = _free_path(source + DAMAGED_SUFFIX)
+        if jax.process_index() == 0:
+            os.rename(source, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"sam_jax set aside step {step}")
+        self._manager.reload()
+        return target
+
     def save(
         self,
         step: int,
@@ -267,6 +317,7 @@ class Checkpointer:
 
         Raises:
           FileNotFoundError: if there is no checkpoint, or none at `step`.
+          DamagedCheckpointError: if the step's files cannot be read into the target.
         """
         _check_abstract(abstract_state)
         self.wait_until_finished()
@@ -280,7 +331,18 @@ class Checkpointer:
                 f"No checkpoint for step {step} in {self.directory}; saved steps: {sorted(steps)}."
             )
         restore = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
-        return self._manager.restore(step, args=restore)[STATE_ITEM]
+        with self._reporting_damage(step):
+            return self._manager.restore(step, args=restore)[STATE_ITEM]
+
+    @contextlib.contextmanager
+    def _reporting_damage(self, step: int):
+        """Turns any error of reading `step` (orbax, TensorStore, tf.data) into one type."""
+        try:
+            yield
+        except Exception as error:  # orbax raises many types, some a bare Exception
+            reason = " ".join(f"{type(error).__name__}: {error}".split())
+            reason = reason.split(" See full TensorStore details")[0]  # a repr of its spec follows
+            raise DamagedCheckpointError(self.directory, step, reason[:200]) from error
 
     def has_iterator(self, step: int) -> bool:
         """Whether `step` holds this process's iterator position.
@@ -304,6 +366,7 @@ class Checkpointer:
         Raises:
           FileNotFoundError: if `step` holds no position of this process
             (`has_iterator(step)` is False).
+          DamagedCheckpointError: if the saved position cannot be read.
         """
         self.wait_until_finished()
         if not self.has_iterator(step):
@@ -312,7 +375,8 @@ class Checkpointer:
                 f"position of {process_directory_name()}."
             )
         restore = ocp.args.Composite(**{ITERATOR_ITEM: IteratorArgs(iterator)})
-        self._manager.restore(step, args=restore)
+        with self._reporting_damage(step):
+            self._manager.restore(step, args=restore)
 
     def record_eval(self, step: int, metrics: Mapping[str, float]) -> dict[str, Best]:
         """Records eval metrics of `step`; keeps the best value of each one.
@@ -329,15 +393,19 @@ class Checkpointer:
         Returns:
           The table {'task/metric': Best(value, step)} after this update.
         """
+        if self._improve(step, metrics) and jax.process_index() == 0:
+            self._write_best()
+        return self.best()
+
+    def _improve(self, step: int, metrics: Mapping[str, float]) -> bool:
+        """Records the values of `metrics` that beat the table; whether any did."""
         changed = False
         for metric, value in metrics.items():
             value = float(value)
             if improves(metric, value, self._best.get(metric)):
                 self._best[metric] = Best(value, int(step))
                 changed = True
-        if changed and jax.process_index() == 0:
-            self._write_best()
-        return self.best()
+        return changed
 
     def best(self) -> dict[str, Best]:
         """The table {'task/metric': Best(value, step)} of best eval values."""
@@ -355,18 +423,59 @@ class Checkpointer:
     def _best_path(self) -> str:
         return os.path.join(self.directory, BEST_CHECKPOINTS_FILE)
 
+    def rebuild_best(self, evals: Iterable[tuple[int, Mapping[str, float]]]) -> dict[str, Best]:
+        """Replaces the best-checkpoint table by the best of `evals`, (step, metrics) pairs.
+
+        For a table that was unreadable (`best_was_damaged`) or that names steps a
+        run went back before (a fallback to an older checkpoint): the run's eval
+        history up to its step rebuilds it.
+        """
+        self._best = {}
+        for step, metrics in evals:
+            self._improve(step, metrics)
+        if jax.process_index() == 0:
+            self._write_best()
+        return self.best()
+
     def _read_best(self) -> dict[str, Best]:
+        """The saved table; an unreadable one is renamed `*.damaged` (warned) and read as empty."""
+        self.best_was_damaged = False
         if not os.path.exists(self._best_path):
             return {}
-        with open(self._best_path, encoding="utf-8") as f:
-            table = json.load(f)
-        return {metric: Best(float(e["value"]), int(e["step"])) for metric, e in table.items()}
+        try:
+            with open(self._best_path, encoding="utf-8") as f:
+                table = json.load(f)
+            return {metric: Best(float(e["value"]), int(e["step"])) for metric, e in table.items()}
+        except (ValueError, TypeError, KeyError, AttributeError) as error:
+            self.best_was_damaged = True
+            kept = self._best_path + DAMAGED_SUFFIX
+            if jax.process_index() == 0:
+                kept = _free_path(kept)
+                os.rename(self._best_path, kept)
+            logging.warning(
+                "%s is not a valid best-checkpoint table (%s): kept as %s; rebuilding it.",
+                self._best_path,
+                " ".join(f"{type(error).__name__}: {error}".split()),
+                kept,
+            )
+            return {}
 
     def _write_best(self) -> None:
+        """Writes the table atomically: a synced temporary file renamed over the old one."""
         table = {metric: best._asdict() for metric, best in self.best().items()}
         os.makedirs(self.directory, exist_ok=True)
         tmp_path = f"{self._best_path}.tmp-{os.getpid()}"
         with open(tmp_path, "w", encoding="utf-8") as f:
             json.dump(table, f, indent=2)
             f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp_path, self._best_path)
+
+
+def _free_path(path: str) -> str:
+    """`path`, or `path-<n>` with the smallest n ≥ 2 that does not exist."""
+    candidate, n = path, 2
+    while os.path.exists(candidate):
+        candidate, n = f"{path}-{n}", n + 1
+    return candidate

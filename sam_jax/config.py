@@ -2,18 +2,28 @@
 
 `parse_gin` replaces the gin config as T5X's train.py does (files, then
 bindings, then finalize) and turns every mistake into a `ConfigError` with a
-one-line message ('file:line: ...' for a malformed file). `train.py` is the
-command line around it; `GIN_DIR` holds the project's gin files.
+one-line message ('file:line: ...' for a malformed file). It is strict: a
+macro or a binding that nothing the run calls uses is an error that suggests
+the close name (`--gin.RHOO=0.15` is refused, not ignored). `config_changes`
+compares two configs (`gin.config_str()` texts) binding by binding, for the
+checks of a resumed run. `train.py` is the command line around it; `GIN_DIR`
+holds the project's gin files.
 """
 
+import difflib
+import functools
 import os
 import re
 import tokenize
+from collections.abc import Iterable
+from collections.abc import Mapping
 from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import gin
 import optax
-from absl import app
+from gin import config_parser
 
 import sam_jax
 from sam_jax import trainer as trainer_lib
@@ -62,13 +72,20 @@ def check(condition: bool, message: str) -> None:
 
 
 def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
-    """Turns T5X-style `--gin.NAME=VALUE` arguments into `--gin_bindings=NAME = VALUE`."""
+    """Turns T5X-style `--gin.NAME=VALUE` arguments into `--gin_bindings=NAME = VALUE`.
+
+    Raises:
+      ConfigError: for a `--gin.NAME` without a value.
+    """
     rewritten = []
     for arg in argv:
         if arg.startswith("--gin."):
-            if "=" not in arg:
-                raise app.UsageError(f"Expected --gin.NAME=VALUE, got {arg!r}.")
-            name, value = arg[len("--gin.") :].split("=", 1)
+            name, equals, value = arg[len("--gin.") :].partition("=")
+            check(
+                bool(equals and value.strip()),
+                f"--gin.{name} has no value: pass --gin.{name}=VALUE "
+                f"(strings in quotes, e.g. --gin.MODEL_DIR=\"'/tmp/run1'\").",
+            )
             arg = f"--gin_bindings={name} = {value}"
         rewritten.append(arg)
     return rewritten
@@ -176,6 +193,282 @@ def _malformed_gin_message(
     return f"{filename}:{line}: malformed gin file: {reason.rstrip('.')}: {content}"
 
 
+class Reference(NamedTuple):
+    """A configurable reference in a gin value: `@name` (or `@name()`, `called`)."""
+
+    name: str
+    called: bool
+
+    def __repr__(self) -> str:
+        return f"@{self.name}{'()' if self.called else ''}"
+
+
+class Macro(NamedTuple):
+    """A macro reference in a gin value: `%NAME`."""
+
+    name: str
+
+    def __repr__(self) -> str:
+        return f"%{self.name}"
+
+
+class _TextDelegate(config_parser.ParserDelegate):
+    """Parses references as `Reference` and `Macro`: no configurable needs to be registered."""
+
+    def configurable_reference(self, scoped_configurable_name, evaluate):
+        return Reference(scoped_configurable_name, evaluate)
+
+    def macro(self, macro_name):
+        return Macro(macro_name)
+
+
+class GinText(NamedTuple):
+    """The bindings of gin files and bindings as written, later ones overriding earlier ones.
+
+    Attributes:
+      bindings: {'selector.parameter': value} ('scope/selector.parameter' if scoped),
+        with `Reference` and `Macro` values (see `resolved`).
+      macros: {NAME: value}.
+      where: {'selector.parameter' or NAME: 'file:line'} (or the binding's text).
+    """
+
+    bindings: dict[str, Any]
+    macros: dict[str, Any]
+    where: dict[str, str]
+
+    def resolved(self, value: Any, seen: frozenset = frozenset()) -> Any:
+        """`value` with its macros replaced by their values (recursively)."""
+        if isinstance(value, Macro):
+            if value.name in seen or value.name not in self.macros:
+                return value
+            return self.resolved(self.macros[value.name], seen | {value.name})
+        if isinstance(value, Mapping):
+            return {k: self.resolved(v, seen) for k, v in value.items()}
+        if isinstance(value, (list, tuple)) and not isinstance(value, Reference):
+            return type(value)(self.resolved(v, seen) for v in value)
+        return value
+
+
+def read_gin_text(
+    gin_files: Sequence[str],
+    gin_bindings: Sequence[str],
+    search_paths: Sequence[str] = DEFAULT_GIN_SEARCH_PATHS,
+) -> GinText:
+    """`GinText` of files (their includes first, where they are) then bindings, as gin reads them.
+
+    Call it on input gin has parsed (`parse_gin` does): it assumes the syntax is valid.
+    """
+    text = GinText({}, {}, {})
+
+    def add(statements, origin):
+        for statement in statements:
+            if isinstance(statement, config_parser.IncludeStatement):
+                add_file(statement.filename)
+            elif isinstance(statement, config_parser.BindingStatement):
+                if statement.arg_name:
+                    key = f"{statement.selector}.{statement.arg_name}"
+                    key = f"{statement.scope}/{key}" if statement.scope else key
+                    text.bindings[key] = statement.value
+                else:
+                    key = statement.selector
+                    text.macros[key] = statement.value
+                text.where[key] = (
+                    f"{origin}:{statement.location.line_num}" if origin else f"--gin.{key}"
+                )
+
+    def add_file(path):
+        resolved = _resolve_gin_path(path, search_paths)
+        if resolved is not None:
+            with open(resolved, encoding="utf-8") as f:
+                add(config_parser.ConfigParser(f, _TextDelegate()), resolved)
+
+    for path in gin_files:
+        add_file(path)
+    for binding in gin_bindings:
+        add(config_parser.ConfigParser(binding, _TextDelegate()), None)
+    return text
+
+
+def _references(value: Any) -> Iterable[Reference | Macro]:
+    """The `Reference`s and `Macro`s inside a gin value."""
+    if isinstance(value, (Reference, Macro)):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.items():
+            yield from _references(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _references(item)
+
+
+def _names_match(reference: str, selector: str) -> bool:
+    """Whether a reference (`@sam_jax.sam`) names a binding's selector (`sam`, `sam_jax.sam`)."""
+    reference, selector = reference.rsplit("/", 1)[-1], selector.rsplit("/", 1)[-1]
+    return (
+        reference == selector
+        or reference.endswith(f".{selector}")
+        or (selector.endswith(f".{reference}"))
+    )
+
+
+def _in_project_gin_file(where: str) -> bool:
+    """Whether a `GinText.where` location ('file:line') is in one of the project's gin files."""
+    path = os.path.realpath(where.rsplit(":", 1)[0])
+    return path.startswith(os.path.realpath(GIN_DIR) + os.sep)
+
+
+def _close_name(name: str, names: Iterable[str]) -> str | None:
+    close = difflib.get_close_matches(name, sorted(set(names) - {name}), n=1)
+    return close[0] if close else None
+
+
+@functools.cache
+def _trainer_gin_files() -> dict[str, str]:
+    """{'gin/<path>': text} of the project's gin files for this trainer (gin/t5x/ is T5X's)."""
+    texts = {}
+    for root, _, names in os.walk(GIN_DIR):
+        if os.path.relpath(root, GIN_DIR).split(os.sep)[0] == "t5x":
+            continue
+        for name in names:
+            path = os.path.join(root, name)
+            with open(path, encoding="utf-8") as f:
+                texts[os.path.relpath(path, os.path.dirname(GIN_DIR))] = f.read()
+    return dict(sorted(texts.items()))
+
+
+def _used_by_gin_files(reference: str) -> str:
+    """' <file> uses it: is a --gin_file missing?' for the trainer's gin files that mention it."""
+    pattern = re.compile(rf"(^|[^\w.%]){re.escape(reference)}(?!\w)", re.MULTILINE)
+    users = [path for path, text in _trainer_gin_files().items() if pattern.search(text)]
+    if not users:
+        return " Check the name and the --gin_file list."
+    verb = "uses" if len(users) == 1 else "use"
+    return f" {' and '.join(users[:2])} {verb} it: is a --gin_file missing?"
+
+
+def check_gin_usage(text: GinText, root: str = "train") -> None:
+    """Refuses macros and bindings that nothing the run calls uses (a typo, a missing file).
+
+    A configurable is used if `root` references it, or a used configurable does
+    (through macros too); a macro is used if some binding or macro refers to it.
+    What the project's gin files (`GIN_DIR`) set is exempt: their defaults may be
+    left unused by the run's own settings (`--gin.t5_1_1_config.vocab_size=...`
+    leaves tiny.gin's VOCAB_SIZE unused).
+
+    Raises:
+      ConfigError: naming the first unused macro or binding, and a close name.
+    """
+    selectors = {key.rsplit(".", 1)[0] for key in text.bindings}
+    check(
+        any(_names_match(root, selector) for selector in selectors),
+        f"Nothing binds {root}'s arguments: add a run gin file, e.g. "
+        "--gin_file=gin/runs/finetune.gin (or runs/finetune_encoder.gin, runs/eval.gin).",
+    )
+    referenced = {
+        ref.name
+        for value in (*text.bindings.values(), *text.macros.values())
+        for ref in _references(value)
+        if isinstance(ref, Macro)
+    }
+    project_macros = {
+        match for text_ in _trainer_gin_files().values() for match in re.findall(r"%(\w+)", text_)
+    }
+    for name in text.macros:
+        if name in referenced or _in_project_gin_file(text.where[name]):
+            continue
+        if name in project_macros:  # a macro of a gin file the run does not include
+            close, where = None, _used_by_gin_files(f"%{name}")
+        elif close := _close_name(name, set(text.macros) | referenced):  # a typo
+            where = " Check the name and the --gin_file list."
+        else:  # a typo of a macro of a gin file the run does not include?
+            close = _close_name(name, project_macros)
+            where = _used_by_gin_files(f"%{close or name}")
+        hint = f" Did you mean {close}?" if close else ""
+        check(False, f"{name} (at {text.where[name]}) is set but nothing uses it.{hint}{where}")
+    used, frontier = set(), [root]
+    while frontier:
+        name = frontier.pop()
+        for selector in {key.rsplit(".", 1)[0] for key in text.bindings} - used:
+            if not _names_match(name, selector):
+                continue
+            used.add(selector)
+            frontier.extend(
+                ref.name
+                for key, value in text.bindings.items()
+                if key.rsplit(".", 1)[0] == selector
+                for ref in _references(text.resolved(value))
+                if isinstance(ref, Reference)
+            )
+    for key in text.bindings:
+        selector = key.rsplit(".", 1)[0]
+        check(
+            selector in used or _in_project_gin_file(text.where[key]),
+            f"{key} (at {text.where[key]}) is bound, but the run never calls "
+            f"{selector}.{_used_by_gin_files(selector + '.')}",
+        )
+
+
+def _used_by_gin_files(reference: str) -> str:
+    """' <file> uses it: is a --gin_file missing?' for the trainer's gin files that mention it."""
+    users = []
+    for root, _, names in os.walk(GIN_DIR):
+        if os.path.relpath(root, GIN_DIR).split(os.sep)[0] == "t5x":  # T5X's, not the trainer's
+            continue
+        for name in sorted(names):
+            path = os.path.join(root, name)
+            with open(path, encoding="utf-8") as f:
+                if re.search(rf"(^|[^\w.]){re.escape(reference)}", f.read(), re.MULTILINE):
+                    users.append(os.path.relpath(path, os.path.dirname(GIN_DIR)))
+    if not users:
+        return " Check the name and the --gin_file list."
+    verb = "uses" if len(users) == 1 else "use"
+    return f" {' and '.join(sorted(users)[:2])} {verb} it: is a --gin_file missing?"
+
+
+class ConfigChange(NamedTuple):
+    """A binding whose value differs between two configs ('unset' where one lacks it)."""
+
+    binding: str
+    saved: str
+    new: str
+
+    def __str__(self) -> str:
+        return f"{self.binding}: {self.saved} → {self.new}"
+
+
+def config_changes(saved: str, new: str) -> list[ConfigChange]:
+    """The bindings (macros resolved) that differ between two `gin.config_str()` texts.
+
+    Example::
+
+      config_changes("train.seed = %SEED\nSEED = 0", "train.seed = 1")
+      # [ConfigChange('train.seed', '0', '1')]
+    """
+    values = []
+    for text in (saved, new):
+        parsed = read_gin_text([], [text])
+        values.append({key: repr(parsed.resolved(v)) for key, v in parsed.bindings.items()})
+    return [
+        ConfigChange(key, values[0].get(key, "unset"), values[1].get(key, "unset"))
+        for key in sorted(set(values[0]) | set(values[1]))
+        if values[0].get(key) != values[1].get(key)
+    ]
+
+
+def _binding_error(binding: str, error: BaseException) -> str:
+    """The one-line message of a binding gin cannot parse, with the likely fix."""
+    name, _, value = binding.partition("=")
+    name, value = name.strip(), value.strip()
+    if not value:
+        return f"--gin.{name} has no value: pass --gin.{name}=VALUE."
+    if re.fullmatch(r"[\w./~:-]+", value) and not re.fullmatch(r"[\d.eE+-]+", value):
+        return (
+            f"--gin.{name}={value}: strings need quotes: pass --gin.{name}=\"'{value}'\" "
+            "(gin reads the value as Python)."
+        )
+    return f"malformed gin binding {binding!r}: {one_line(error)}"
+
+
 def parse_gin(
     gin_files: Sequence[str],
     gin_bindings: Sequence[str],
@@ -190,7 +483,9 @@ def parse_gin(
 
     Raises:
       ConfigError: for a missing or malformed file ('file:line: ...'), a malformed
-        binding, an unknown configurable or a required macro left unset.
+        binding (an unquoted string: 'strings need quotes'), an unknown
+        configurable, a macro or binding that nothing uses (`check_gin_usage`),
+        or a required macro left unset.
     """
     gin.clear_config()
     for path in search_paths:
@@ -201,12 +496,14 @@ def parse_gin(
         raise ConfigError(_malformed_gin_message(error, gin_files, search_paths)) from error
     except (OSError, ValueError) as error:
         raise ConfigError(one_line(error)) from error
-    try:
-        gin.parse_config_files_and_bindings(None, gin_bindings, finalize_config=False)
-    except (SyntaxError, tokenize.TokenError, ValueError) as error:
-        raise ConfigError(
-            f"malformed gin binding in {list(gin_bindings)}: {one_line(error)}"
-        ) from error
+    for binding in gin_bindings:
+        try:
+            gin.parse_config_files_and_bindings(None, [binding], finalize_config=False)
+        except (SyntaxError, tokenize.TokenError) as error:
+            raise ConfigError(_binding_error(binding, error)) from error
+        except ValueError as error:
+            raise ConfigError(f"gin binding {binding!r}: {one_line(error)}") from error
+    check_gin_usage(read_gin_text(gin_files, gin_bindings, search_paths))
     try:
         gin.finalize()
     except ValueError as error:

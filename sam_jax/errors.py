@@ -1,6 +1,13 @@
-"""Errors of bad input to a run: one line, naming the setting and the fix."""
+"""Errors of bad input to a run: one line, naming the setting and the fix.
+
+Also the console scripts' entry points (`train_script`, `reproduce_script`): they import their
+module only when run, so that a missing optional dependency is one line naming
+the extra to install, not a traceback.
+"""
 
 import functools
+import importlib
+import sys
 from collections.abc import Callable
 
 
@@ -44,3 +51,36 @@ def reporting_input_errors(fn: Callable) -> Callable:
             raise ConfigError(f"{fn.__name__}: {one_line(error)}") from error
 
     return reporting
+
+
+def console_script(module: str, extra: str) -> Callable[[], None]:
+    """The entry point of a console script: runs `module.main()`.
+
+    A dependency of `module` that is not installed exits with one line naming the
+    extra that installs it (`pip install "sam_jax[<extra>]"`); a missing module
+    of sam_jax itself is a bug and raises.
+
+    Example::
+
+      train_script = console_script("sam_jax.train", "train")  # setup.py's sam_jax_train
+    """
+
+    def main() -> None:
+        try:
+            entry = importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if (error.name or "").split(".")[0] == "sam_jax":
+                raise
+            script = f"sam_jax_{module.rsplit('.', 1)[-1]}"
+            sys.exit(
+                f"error: {script} needs the [{extra}] extra ({error.name} is not installed): "
+                f'pip install "sam_jax[{extra}]"'
+            )
+        entry.main()
+
+    main.__doc__ = f"The console script of `{module}` (it needs the [{extra}] extra)."
+    return main
+
+
+train_script = console_script("sam_jax.train", "train")
+reproduce_script = console_script("sam_jax.reproduce", "train")

@@ -172,9 +172,15 @@ class Summaries:
 
     @contextlib.contextmanager
     def paused(self):
-        """Excludes what runs inside (evaluation) from the step timings."""
+        """Excludes what runs inside (evaluation) from the step timings.
+
+        The progress bar is cleared meanwhile, so that what is logged inside
+        starts a line of its own; it is redrawn after.
+        """
         if self.enabled and self._timer_start is not None:
             jax.block_until_ready(self._pending)
+        if self._bar is not None:
+            self._bar.clear()
         start = time.perf_counter()
         try:
             yield
@@ -183,6 +189,8 @@ class Summaries:
             self._interval_start += excluded
             if self._timer_start is not None:
                 self._timer_start += excluded
+            if self._bar is not None:
+                self._bar.refresh()
 
     def eval(self, step: int, metrics: Mapping[str, float]) -> None:
         """Writes eval scalars named '<task>/<metric>' (stored as 'eval/<task>/<metric>')."""

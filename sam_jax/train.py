@@ -22,26 +22,38 @@ Flags:
                       gin/ directory, installed as sam_jax/gin), the directory
                       above them (for 'gin/runs/...' paths) and the cwd.
   --module_import     modules that register seqio tasks (default: `sam_jax.tasks`).
+  --allow_config_change
+                      resume even if the config changes the optimizer state or
+                      the data order (see `check_restart`).
   --coordinator_address, --num_processes, --process_id
                       a multi-process run on machines JAX does not detect.
 
 The run writes checkpoints, TensorBoard summaries, `metrics.jsonl`,
 `curves.png` and `config.gin` in MODEL_DIR, evaluates every task of the
 mixture with its seqio metrics every EVAL_PERIOD steps and records the best
-checkpoint per task-metric. Rerunning the same command resumes from the latest
-checkpoint (and the input position saved with it); SIGTERM or SIGINT saves a
-checkpoint and stops (in a multi-process run, a signal to any process stops all
-of them at the same step: see `StopSignals`). Invalid input stops with a
-one-line error before anything is written.
+checkpoint per task-metric. Rerunning the same command resumes from the newest
+checkpoint that can be read (and the input position saved with it; a damaged
+newer one is renamed `<step>.damaged`, never deleted), once its config matches
+the saved one (`check_restart`). SIGTERM or SIGINT saves a checkpoint and stops
+(in a multi-process run, a signal to any process stops all of them at the same
+step: see `StopSignals`). Invalid input stops with a one-line error before
+anything is written.
+
+Exit status: 0 when the run finished (or evaluated); 1 for invalid input
+(nothing written); 128 + N when signal N stopped it after saving a checkpoint
+(SIGTERM 143, SIGINT 130): rerun the same command to resume.
 """
 
 import importlib
+import itertools
 import logging as std_logging
 import os
+import re
 import signal
 import sys
 import threading
 from collections.abc import Callable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +61,7 @@ from typing import NamedTuple
 
 import gin
 import jax
+import numpy as np
 import optax
 from absl import app
 from absl import flags
@@ -79,6 +92,11 @@ _GIN_SEARCH_PATHS = flags.DEFINE_list(
 )
 _MODULE_IMPORTS = flags.DEFINE_multi_string(
     "module_import", ["sam_jax.tasks"], "Modules to import first (they register seqio tasks)."
+)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume even if the config changes the optimizer state or the data order (see README).",
 )
 _COORDINATOR_ADDRESS = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs."
@@ -379,7 +397,7 @@ def setup_training(
     )
 
 
-@gin.configurable
+@gin.configurable(denylist=["allow_config_change"])  # the flag --allow_config_change
 def train(
     *,
     model_dir: str | None = None,
@@ -406,6 +424,7 @@ def train(
     eval_only: bool = False,
     log_period: int = 10,
     progress_bar: bool = True,
+    allow_config_change: bool = False,
 ) -> TrainResult:
     """Trains (or, with `eval_only`, evaluates) a task model; resumes from MODEL_DIR.
 
@@ -445,6 +464,9 @@ def train(
       eval_only: evaluate the latest checkpoint and stop (gin/runs/eval.gin).
       log_period: write training summaries every this many steps.
       progress_bar: show the tqdm progress bar.
+      allow_config_change: resume even if the config differs from the run's
+        saved one in a binding that changes the optimizer state or the data order
+        (`check_restart`); the CLI's --allow_config_change.
 
     Returns:
       A `TrainResult`.
@@ -465,68 +487,86 @@ def train(
         keep_checkpoints=keep_checkpoints,
         num_microbatches=num_microbatches,
     )
-    try:
-        mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
-        model = model.for_task(mixture_or_task)
-        setup = setup_training(
-            model=model,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            sam=sam,
-            batch_size=batch_size,
-            num_microbatches=num_microbatches,
-            num_partitions=num_partitions,
-            logical_axis_rules=logical_axis_rules,
-            seed=seed,
-        )
-        setup.partitioner.check_batch_size(eval_batch_size)
-        evaluate = evaluation.make_evaluator(
-            setup.trainer,
-            setup.partitioner,
-            setup.state_shardings.params,
-            data.eval_tasks(
-                mixture_or_task_name,
-                sequence_length=sequence_length,
-                batch_size=eval_batch_size,
-                split=eval_split,
-                max_examples=max_eval_examples,
-                feature_converter=model.feature_converter(mixture_or_task, pack=False),
-            ),
-            sequence_length,
-        )
-        batch_arguments = dict(
-            mixture_or_task_name=mixture_or_task_name,
-            sequence_length=sequence_length,
-            global_batch_size=batch_size,
-            seed=seed,
-            feature_converter=model.feature_converter(mixture_or_task, pack),
-            shard_id=setup.partitioner.data_layout.shard_id,
-            num_shards=setup.partitioner.data_layout.num_shards,
-        )
-    except (ValueError, TypeError) as error:
-        raise config.ConfigError(config.one_line(error)) from error
-    logging.info("%s; %s", setup.partitioner, model)
-
-    is_chief = jax.process_index() == 0
     checkpoint_dir = os.path.join(model_dir, CHECKPOINTS_SUBDIR)
     config.check(
         not eval_only or os.path.isdir(checkpoint_dir),
         f"eval_only: no checkpoint in {model_dir} to evaluate.",
     )
-    checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)
+    # Opening a checkpoint directory creates it: a new run opens it once its input is checked.
+    checkpointer = None
+    if os.path.isdir(checkpoint_dir):
+        checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)
     try:
-        state, start_step = start_state(
-            setup, checkpointer, initial_checkpoint_path, eval_only, model_dir
+        try:
+            mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
+            model = model.for_task(mixture_or_task)
+            setup = setup_training(
+                model=model,
+                optimizer=optimizer,
+                learning_rate=learning_rate,
+                sam=sam,
+                batch_size=batch_size,
+                num_microbatches=num_microbatches,
+                num_partitions=num_partitions,
+                logical_axis_rules=logical_axis_rules,
+                seed=seed,
+            )
+            setup.partitioner.check_batch_size(eval_batch_size)
+            evaluate = evaluation.make_evaluator(
+                setup.trainer,
+                setup.partitioner,
+                setup.state_shardings.params,
+                data.eval_tasks(
+                    mixture_or_task_name,
+                    sequence_length=sequence_length,
+                    batch_size=eval_batch_size,
+                    split=eval_split,
+                    max_examples=max_eval_examples,
+                    feature_converter=model.feature_converter(mixture_or_task, pack=False),
+                ),
+                sequence_length,
+            )
+            batch_arguments = dict(
+                mixture_or_task_name=mixture_or_task_name,
+                sequence_length=sequence_length,
+                global_batch_size=batch_size,
+                seed=seed,
+                feature_converter=model.feature_converter(mixture_or_task, pack),
+                shard_id=setup.partitioner.data_layout.shard_id,
+                num_shards=setup.partitioner.data_layout.num_shards,
+            )
+        except (ValueError, TypeError) as error:
+            raise config.ConfigError(config.one_line(error)) from error
+        logging.info("%s; %s", setup.partitioner, model)
+        restart = check_restart(
+            model_dir,
+            checkpointer and checkpointer.latest_step(),
+            train_steps=train_steps,
+            eval_only=eval_only,
+            allow_config_change=allow_config_change,
         )
+
+        start = start_state(
+            setup,
+            checkpointer,
+            initial_checkpoint_path,
+            model_dir,
+            batch_arguments=None if eval_only else batch_arguments,
+        )
+        first_batch = None if eval_only else checked_first_batch(setup, start.batches)
+        is_chief = jax.process_index() == 0
+        if checkpointer is None:
+            checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)
+        if start.fell_back or checkpointer.best_was_damaged:
+            checkpointer.rebuild_best(eval_history(model_dir, start.step))
         if is_chief:
-            with open(os.path.join(model_dir, CONFIG_FILE), "w", encoding="utf-8") as f:
-                f.write(gin.config_str())
-        final_step = start_step if eval_only else max(train_steps, start_step)
+            restart.write()
+        final_step = start.step if eval_only else max(train_steps, start.step)
         with (
             summaries.Summaries(
                 model_dir,
                 total_steps=final_step,
-                start_step=start_step,
+                start_step=start.step,
                 enabled=is_chief,
                 log_period=log_period,
                 progress_bar=progress_bar,
@@ -542,17 +582,19 @@ def train(
                 eval_period=eval_period,
                 checkpoint_period=checkpoint_period,
             )
+            step = start.step
             if eval_only:
-                loop.evaluate(start_step, state)
+                loop.evaluate(step, start.state)
             else:
-                batches = resume_batches(checkpointer, start_step, **batch_arguments)
-                state, step = loop.run(state, start_step, final_step, batches, stop)
+                batches = itertools.chain([first_batch], start.batches)
+                _, step = loop.run(start.state, step, final_step, batches, start.batches, stop)
         checkpointer.wait_until_finished()
     finally:
-        checkpointer.close()
+        if checkpointer is not None:
+            checkpointer.close()
 
     result = TrainResult(
-        step=start_step if eval_only else step,
+        step=step,
         eval=loop.last_eval,
         best=loop.best,
         seconds_per_step=writer.seconds_per_step(),
@@ -579,6 +621,10 @@ def _check_arguments(
 ) -> None:
     """`train`'s checks of its arguments alone (ConfigError), before anything is read."""
     config.check(bool(model_dir), "MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\".")
+    config.check(
+        not os.path.exists(model_dir) or os.path.isdir(model_dir),
+        f"MODEL_DIR {model_dir} is a file: pass a directory (a new one for a new run).",
+    )
     config.check(bool(mixture_or_task_name), "MIXTURE_OR_TASK_NAME is not set.")
     config.check(
         model is not None, "No model: add a model gin file, e.g. gin/models/t5_1_1/tiny.gin."
@@ -605,29 +651,229 @@ def _check_arguments(
     )
 
 
-def start_state(
-    setup: TrainSetup,
-    checkpointer: checkpoints.Checkpointer,
-    initial_checkpoint_path: str | None,
-    eval_only: bool,
+# `train` arguments a resumed run may change: what is evaluated, logged and kept, how
+# far to train, where the run and the mesh are. Any other binding (optimizer, SAM,
+# batch size, task, seed, feature lengths, model, ...) changes the optimizer state's
+# structure, the data order or the training itself.
+RESTART_FREE_ARGUMENTS = frozenset(
+    {
+        "model_dir",
+        "train_steps",
+        "checkpoint_period",
+        "keep_checkpoints",
+        "eval_period",
+        "eval_batch_size",
+        "eval_split",
+        "max_eval_examples",
+        "eval_only",
+        "log_period",
+        "progress_bar",
+        "initial_checkpoint_path",
+        "num_partitions",
+        "logical_axis_rules",
+    }
+)
+
+
+class Restart(NamedTuple):
+    """What a start of a run writes: its config (`gin.config_str()`) to `path`, if any.
+
+    Attributes:
+      path: `config.gin` for a new run, `config_resume_<step>.gin` for a resumed
+        run whose config changed, `config_eval_<step>.gin` for an evaluation, or
+        None (a resumed run with the same config).
+      text: the config.
+    """
+
+    path: str | None
+    text: str
+
+    def write(self) -> None:
+        if self.path is not None:
+            with open(self.path, "w", encoding="utf-8") as f:
+                f.write(self.text)
+
+
+def saved_config(model_dir: str, step: int) -> str | None:
+    """The config the run in `model_dir` trained up to `step` with: its latest (re)start's file.
+
+    `config.gin` (the first start) or `config_resume_<s>.gin` with the largest s ≤ `step`.
+    """
+    starts = {0: CONFIG_FILE} if os.path.isfile(os.path.join(model_dir, CONFIG_FILE)) else {}
+    for name in os.listdir(model_dir):
+        match = re.fullmatch(r"config_resume_(\d+)\.gin", name)
+        if match and int(match.group(1)) <= step:
+            starts[int(match.group(1))] = name
+    return os.path.join(model_dir, starts[max(starts)]) if starts else None
+
+
+def check_restart(
     model_dir: str,
-) -> tuple[trainer_lib.TrainState, int]:
-    """(state, step) a run starts from: its latest checkpoint, else the pre-trained or a fresh one.
+    step: int | None,
+    *,
+    train_steps: int,
+    eval_only: bool,
+    allow_config_change: bool,
+) -> Restart:
+    """Checks a start of the run in `model_dir` whose latest checkpoint is `step` (or None).
+
+    A resumed run (or an evaluation) compares its config with the one the run
+    trained with (`saved_config`): a changed binding other than a
+    `RESTART_FREE_ARGUMENTS` one is refused unless `allow_config_change`; the
+    changes are logged. TRAIN_STEPS below `step` is refused. Nothing is written.
+
+    Returns:
+      The `Restart`, whose config file the run writes once its input is checked.
 
     Raises:
-      config.ConfigError: `eval_only` without a checkpoint, or a bad pre-trained checkpoint.
+      config.ConfigError: a refused change (with the diff) or TRAIN_STEPS below `step`.
     """
-    step = checkpointer.latest_step()
+    current = gin.config_str()
+    if step is None:
+        return Restart(os.path.join(model_dir, CONFIG_FILE), current)
     config.check(
-        not eval_only or step is not None, f"eval_only: no checkpoint in {model_dir} to evaluate."
+        eval_only or train_steps >= step,
+        f"TRAIN_STEPS={train_steps} is below the step {step} of the checkpoint in {model_dir}: "
+        f"pass TRAIN_STEPS ≥ {step} to train on (or gin/runs/eval.gin to evaluate); "
+        "nothing was changed.",
     )
-    if step is not None:
-        logging.info("Restoring the checkpoint of step %d from %s.", step, model_dir)
-        return checkpointer.restore(setup.abstract_state, step=step), step
+    saved_path = saved_config(model_dir, step)
+    if saved_path is None:
+        logging.warning("%s has no %s: the config is not compared.", model_dir, CONFIG_FILE)
+        changes = []
+    else:
+        with open(saved_path, encoding="utf-8") as f:
+            changes = config.config_changes(f.read(), current)
+    refused = [
+        change
+        for change in changes
+        if change.binding.removeprefix("train.") not in RESTART_FREE_ARGUMENTS
+    ]
+    config.check(
+        not refused or allow_config_change,
+        f"The run in {model_dir} was trained up to step {step} with another config "
+        f"({saved_path}): {_listed(refused)}. That changes the optimizer state or the data "
+        "order: use a new MODEL_DIR, or pass --allow_config_change to resume anyway.",
+    )
+    if changes:
+        logging.warning("Config changes since %s: %s.", saved_path, _listed(changes))
+    name = f"config_eval_{step}.gin" if eval_only else f"config_resume_{step}.gin"
+    return Restart(os.path.join(model_dir, name) if eval_only or changes else None, current)
+
+
+def _listed(changes: Sequence[config.ConfigChange], limit: int = 4) -> str:
+    listed = "; ".join(map(str, changes[:limit]))
+    return listed + (f"; and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
+def eval_history(model_dir: str, last_step: int) -> list[tuple[int, dict[str, float]]]:
+    """(step, {"<task>/<metric>": value}) of the evaluations in `metrics.jsonl` to `last_step`."""
+    return [
+        (record["step"], {k.removeprefix("eval/"): v for k, v in record["eval"].items()})
+        for record in summaries.read_history(model_dir)
+        if "eval" in record and record["step"] <= last_step
+    ]
+
+
+class Start(NamedTuple):
+    """Where a run starts.
+
+    Attributes:
+      state: the `TrainState`.
+      step: its step.
+      batches: the training batches from `step` on (None for an evaluation).
+      fell_back: whether newer checkpoints could not be read.
+    """
+
+    state: trainer_lib.TrainState
+    step: int
+    batches: data.TrainBatches | None
+    fell_back: bool
+
+
+def start_state(
+    setup: TrainSetup,
+    checkpointer: checkpoints.Checkpointer | None,
+    initial_checkpoint_path: str | None,
+    model_dir: str,
+    batch_arguments: Mapping[str, Any] | None,
+) -> Start:
+    """The newest intact checkpoint of the run, else the pre-trained or a fresh state.
+
+    Checkpoints are tried newest first: the state, and with `batch_arguments` (a
+    training run) the input position (`resume_batches`). A step that cannot be
+    read is reported in one line; a training run moves it aside
+    (`Checkpointer.set_aside`: renamed, never deleted) to save that step again.
+
+    Raises:
+      config.ConfigError: no saved step can be read (nothing is moved), an
+        evaluation without a checkpoint, or a bad pre-trained checkpoint.
+    """
+    damaged: list[checkpoints.DamagedCheckpointError] = []
+    for step in reversed(checkpointer.all_steps() if checkpointer else []):
+        error = None
+        try:
+            logging.info("Restoring the checkpoint of step %d from %s.", step, model_dir)
+            state = checkpointer.restore(setup.abstract_state, step=step)
+            batches = None
+            if batch_arguments is not None:
+                batches = resume_batches(checkpointer, step, **batch_arguments)
+        except checkpoints.DamagedCheckpointError as damage:
+            error = damage
+        if not _on_every_process(error is None):  # each process reads its own shards
+            damaged.append(
+                error
+                or checkpoints.DamagedCheckpointError(
+                    checkpointer.directory, step, "another process cannot read it"
+                )
+            )
+            continue
+        for error in damaged:
+            kept = "kept in place"
+            if batch_arguments is not None:
+                kept = f"kept as {checkpointer.set_aside(error.step)}"
+            logging.warning("%s; resuming from step %d instead (%s).", error, step, kept)
+        return Start(state, step, batches, fell_back=bool(damaged))
+    config.check(
+        not damaged,
+        f"No checkpoint in {checkpointer and checkpointer.directory} can be restored ("
+        + "; ".join(f"step {error.step}: {error.reason}" for error in damaged)
+        + "). Nothing was moved or deleted.",
+    )
+    config.check(
+        batch_arguments is not None, f"eval_only: no checkpoint in {model_dir} to evaluate."
+    )
     if initial_checkpoint_path:
         logging.info("Starting from the pre-trained %s.", initial_checkpoint_path)
-        return pretrained_state(setup, initial_checkpoint_path, setup.init_key), 0
-    return setup.init_state(), 0
+        state = pretrained_state(setup, initial_checkpoint_path, setup.init_key)
+    else:
+        state = setup.init_state()
+    return Start(state, 0, data.train_batches(**batch_arguments), fell_back=False)
+
+
+def _on_every_process(condition: bool) -> bool:
+    """Whether `condition` holds on every process (a collective when there are several)."""
+    if jax.process_count() == 1:
+        return condition
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(condition))))
+
+
+def checked_first_batch(setup: TrainSetup, batches: data.TrainBatches) -> dict[str, Any]:
+    """The run's first local batch, once the train step has been traced with it.
+
+    Tracing checks the step's shapes (a batch SHARPNESS_M or the microbatches do
+    not divide, ...) before anything is written; the call reuses the trace.
+
+    Raises:
+      config.ConfigError: the step rejects the batch.
+    """
+    local_batch = next(batches)
+    global_batch = setup.partitioner.global_batch(local_batch)
+    try:
+        setup.train_step.lower(setup.abstract_state, global_batch, setup.dropout_key)
+    except (ValueError, TypeError) as error:
+        raise config.ConfigError(f"The train step: {config.one_line(error)}") from error
+    return local_batch
 
 
 class TrainLoop:
@@ -671,13 +917,15 @@ class TrainLoop:
         state: trainer_lib.TrainState,
         step: int,
         final_step: int,
-        batches: data.TrainBatches,
+        batches: Iterator[dict[str, Any]],
+        position: checkpoints.SavableIterator,
         stop: StopSignals,
     ) -> tuple[trainer_lib.TrainState, int]:
         """Trains from `step` to `final_step` (or a stop signal); returns (state, step).
 
-        Saves a checkpoint, with the input position, every checkpoint period, at
-        every evaluation (every eval period and the last step) and at a stop.
+        Saves a checkpoint, with the input position of `position` (the iterator
+        `batches` draws from), every checkpoint period, at every evaluation
+        (every eval period and the last step) and at a stop.
         """
         eval_period, checkpoint_period = self.eval_period, self.checkpoint_period
         setup, checkpointer = self.setup, self.checkpointer
@@ -695,7 +943,7 @@ class TrainLoop:
             evaluating = (step % eval_period == 0 or step == final_step) and not stopping
             if evaluating or stopping or step % checkpoint_period == 0:
                 self.writer.flush(step)
-                checkpointer.save(step, state, force=True, iterator=batches)
+                checkpointer.save(step, state, force=True, iterator=position)
                 saved_step = step
             if evaluating:
                 self.evaluate(step, state)
@@ -709,7 +957,7 @@ class TrainLoop:
                 break
         self.writer.flush(step)
         if saved_step != step:
-            checkpointer.save(step, state, force=True, iterator=batches)
+            checkpointer.save(step, state, force=True, iterator=position)
         return state, step
 
 
@@ -733,22 +981,84 @@ def final_table(result: TrainResult) -> str:
 class QuietLibraries(std_logging.Filter):
     """Drops library log records that are noise in a training log.
 
-    Orbax, JAX and seqio log every step of a save or of a dataset's set-up at
-    INFO; gin's resource reader logs an ERROR for every search path that does
-    not hold a gin file it then finds in the next one.
+    Orbax, JAX, TensorFlow and seqio log every step of a save or of a dataset's
+    set-up at INFO; gin's resource reader logs an ERROR for every search path
+    that does not hold a gin file it then finds in the next one; seqio warns
+    that an uncached training dataset may be shuffled differently on restarts
+    (the order here is deterministic and its position is saved with every
+    checkpoint) and that a mixture's rates count input examples (for every
+    uncached task).
     """
 
     INFO_LIBRARIES = tuple(
-        f"{os.sep}{package}{os.sep}" for package in ("orbax", os.path.join("jax", "_src"), "seqio")
+        f"{os.sep}{package}{os.sep}"
+        for package in ("orbax", os.path.join("jax", "_src"), "seqio", "tensorflow")
     )
     GIN_LOOKUPS = f"{os.sep}gin{os.sep}resource_reader.py"
+    SEQIO_WARNINGS = (
+        "Using an uncached FunctionDataset for training",
+        "not cached so using number of input examples",
+    )
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         if record.pathname.endswith(self.GIN_LOOKUPS):
             return False
+        if f"{os.sep}seqio{os.sep}" in record.pathname and any(
+            warning in str(record.msg) for warning in self.SEQIO_WARNINGS
+        ):
+            return False
         return record.levelno >= std_logging.WARNING or not any(
             library in record.pathname for library in self.INFO_LIBRARIES
         )
+
+
+class QuietNativeLogs:
+    """Drops the lines native libraries write to stderr that a user cannot act on (a context).
+
+    TensorFlow's tokenizer ops log 'precompiled_charsmap is empty' for every
+    SentencePiece vocabulary they load, TensorFlow an ERROR that CUDA is absent
+    on a CPU machine and a WARNING for every partly read cached dataset. C++
+    writes to file descriptor 2 directly, so inside the context fd 2 is a pipe
+    that a thread copies to the real stderr, line by line, without those lines;
+    Python's `sys.stderr` (logging, the progress bar) writes to the real stderr.
+    """
+
+    NOISE = re.compile(
+        rb"precompiled_charsmap is empty|failed call to cuInit|cache_dataset_ops\.cc.*"
+        rb"did not fully read the dataset"
+    )
+
+    def __enter__(self) -> "QuietNativeLogs":
+        sys.stderr.flush()
+        self._stderr_fd = os.dup(2)
+        self._python_stderr = sys.stderr
+        read_fd, write_fd = os.pipe()
+        os.dup2(write_fd, 2)
+        os.close(write_fd)
+        sys.stderr = open(os.dup(self._stderr_fd), "w", buffering=1, closefd=True)
+        for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
+            if getattr(handler, "stream", None) is self._python_stderr:
+                handler.setStream(sys.stderr)
+        self._copier = threading.Thread(target=self._copy, args=(read_fd,), daemon=True)
+        self._copier.start()
+        return self
+
+    def _copy(self, read_fd: int) -> None:
+        with open(read_fd, "rb") as lines:
+            for line in lines:
+                if not self.NOISE.search(line):
+                    os.write(self._stderr_fd, line)
+
+    def __exit__(self, *exc_info) -> None:
+        sys.stderr.flush()
+        os.dup2(self._stderr_fd, 2)  # closes the pipe's last write end: the copier ends
+        self._copier.join(timeout=5)
+        for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
+            if getattr(handler, "stream", None) is sys.stderr:
+                handler.setStream(self._python_stderr)
+        sys.stderr.close()
+        sys.stderr = self._python_stderr
+        os.close(self._stderr_fd)
 
 
 def run(argv: Sequence[str]) -> TrainResult:
@@ -764,10 +1074,20 @@ def run(argv: Sequence[str]) -> TrainResult:
     for module in _MODULE_IMPORTS.value:
         importlib.import_module(module)
     config.parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
-    result = train()
+    result = train(allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     if jax.process_index() == 0:
         print(final_table(result), flush=True)
     return result
+
+
+def exit_status(result: TrainResult) -> int:
+    """The command's exit status: 0 when the run finished; 128 + N when signal N stopped it.
+
+    A stopped run saved a checkpoint: rerun the same command to resume (SIGTERM
+    gives 143, SIGINT 130, as a shell reports a process a signal ended). Invalid
+    input exits with 1 before anything is written.
+    """
+    return 0 if result.stopped_by is None else 128 + signal.Signals[result.stopped_by].value
 
 
 def _main(argv: Sequence[str]) -> None:
@@ -776,16 +1096,30 @@ def _main(argv: Sequence[str]) -> None:
         _COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value
     )
     try:
-        run(argv)
+        result = run(argv)
+    except config.ConfigError as error:
+        sys.exit(f"error: {error.message}")
+    sys.exit(exit_status(result))
+
+
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort")
+
+
+def _parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's flag parsing, after `--gin.NAME=VALUE` rewriting; --help lists this module's flags."""
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        print(f"{__doc__}\n{flags.FLAGS.module_help(sys.modules[__name__])}")
+        sys.exit(0)
+    try:
+        return app.parse_flags_with_usage(config.rewrite_gin_args(argv))
     except config.ConfigError as error:
         sys.exit(f"error: {error.message}")
 
 
 def main() -> None:
     """The console script `sam_jax_train`: `python -m sam_jax.train` with the same flags."""
-    app.run(
-        _main, flags_parser=lambda argv: app.parse_flags_with_usage(config.rewrite_gin_args(argv))
-    )
+    with QuietNativeLogs():  # absl's initialisation already starts TensorFlow's devices
+        app.run(_main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

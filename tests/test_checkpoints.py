@@ -1,7 +1,8 @@
-"""Tests of sam_jax.checkpoints: sharded NamedTuple round trips, retention, best steps."""
+"""Tests of sam_jax.checkpoints: sharded NamedTuple round trips, retention, best steps, damage."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import sam_jax
 from sam_jax.checkpoints import BEST_CHECKPOINTS_FILE
 from sam_jax.checkpoints import Best
 from sam_jax.checkpoints import Checkpointer
+from sam_jax.checkpoints import DamagedCheckpointError
 from sam_jax.partitioning import Partitioner
 
 
@@ -265,3 +267,95 @@ def test_a_checkpoint_without_an_iterator_position_restores_its_state_only(tmp_p
         resumed = CountingIterator()
         checkpointer.restore_iterator(resumed, 5)
         assert resumed.position == 1
+
+
+# --- Damaged checkpoints ------------------------------------------------------------------
+
+
+def _truncate_data_chunks(step_dir):
+    chunks = [p for p in step_dir.glob("default/**/d/*") if p.stat().st_size > 1]
+    assert chunks
+    for chunk in chunks:
+        os.truncate(chunk, chunk.stat().st_size // 2)
+
+
+def _empty(step_dir):
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+
+
+def _tree(directory):
+    """{relative path: size} of everything under `directory`."""
+    return {str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*")}
+
+
+DAMAGE = {
+    "truncated_data": (_truncate_data_chunks, "(?i)error reading|error while reading"),
+    "no_metadata": (lambda d: os.remove(d / "default" / "_METADATA"), "pytree structure"),
+    "emptied_step": (_empty, 'Item "default" was not found'),
+    "no_state_item": (lambda d: shutil.rmtree(d / "default"), 'Item "default" was not found'),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_a_damaged_step_is_one_error_type_and_is_set_aside_not_deleted(tmp_path, sharded, damage):
+    abstract, state = sharded
+    with Checkpointer(tmp_path, async_save=False) as checkpointer:
+        checkpointer.save(1, state)
+        checkpointer.save(2, jax.tree.map(lambda x: x + 1, state))
+    make, reason = DAMAGE[damage]
+    make(tmp_path / "2")
+    files = _tree(tmp_path / "2")
+    with Checkpointer(tmp_path, async_save=False) as checkpointer:
+        assert checkpointer.all_steps() == [1, 2]  # orbax still lists it
+        with pytest.raises(DamagedCheckpointError, match=reason) as error:
+            checkpointer.restore(abstract, step=2)
+        assert error.value.step == 2 and "\n" not in str(error.value)
+        assert str(error.value).startswith(f"The checkpoint of step 2 in {tmp_path} cannot be read")
+        assert checkpointer.set_aside(2) == str(tmp_path / "2.damaged")
+        assert checkpointer.all_steps() == [1] and checkpointer.latest_step() == 1
+        _assert_identical(checkpointer.restore(abstract), state)
+        checkpointer.save(2, state)  # the step can be saved again
+    assert _tree(tmp_path / "2.damaged") == files  # moved whole, nothing deleted
+    with Checkpointer(tmp_path) as reopened:
+        assert reopened.all_steps() == [1, 2]
+        _assert_identical(reopened.restore(abstract, step=2), state)
+        reopened.wait_until_finished()
+        os.remove(tmp_path / "2" / "default" / "_METADATA")
+        assert reopened.set_aside(2) == str(tmp_path / "2.damaged-2")  # never over the first
+
+
+def test_an_unreadable_iterator_position_is_a_damaged_checkpoint(tmp_path, sharded):
+    _, state = sharded
+    with Checkpointer(tmp_path, async_save=False) as checkpointer:
+        checkpointer.save(1, state, iterator=CountingIterator())
+    with open(tmp_path / "1" / "train_ds" / "process_0-of-1" / "position.json", "w") as f:
+        f.write("{truncated")
+    with Checkpointer(tmp_path) as checkpointer:
+        with pytest.raises(DamagedCheckpointError, match="JSONDecodeError") as error:
+            checkpointer.restore_iterator(CountingIterator(), 1)
+    assert error.value.step == 1
+
+
+def test_an_invalid_best_table_is_kept_aside_and_rebuilt(tmp_path, sharded, caplog):
+    _, state = sharded
+    with Checkpointer(tmp_path, async_save=False) as checkpointer:
+        checkpointer.save(1, state)
+        checkpointer.record_eval(1, {"nli/accuracy": 0.5})
+    invalid = '{"nli/accuracy": {"value": 0.5,'
+    (tmp_path / BEST_CHECKPOINTS_FILE).write_text(invalid)
+    with Checkpointer(tmp_path, async_save=False) as checkpointer:
+        assert checkpointer.best_was_damaged and checkpointer.best() == {}
+        assert (tmp_path / f"{BEST_CHECKPOINTS_FILE}.damaged").read_text() == invalid
+        assert f"{tmp_path / BEST_CHECKPOINTS_FILE} is not a valid best-checkpoint table" in (
+            caplog.text
+        )
+        evals = [(1, {"nli/accuracy": 0.5, "nli/loss": 2.0}), (2, {"nli/accuracy": 0.4})]
+        evals.append((3, {"nli/accuracy": 0.7, "nli/loss": 2.5}))
+        assert checkpointer.rebuild_best(evals) == {
+            "nli/accuracy": Best(0.7, 3),
+            "nli/loss": Best(2.0, 1),
+        }
+    with Checkpointer(tmp_path) as reopened:
+        assert not reopened.best_was_damaged
+        assert reopened.best() == {"nli/accuracy": Best(0.7, 3), "nli/loss": Best(2.0, 1)}

@@ -98,6 +98,15 @@ def test_wheel_ships_the_demo_vocabulary(installed):
     assert (installed / vocabulary).read_bytes() == (REPO / vocabulary).read_bytes()
 
 
+def test_sam_jax_train_starts_from_an_entry_point_that_needs_no_extra(wheel):
+    """The console script imports sam_jax.errors first (the core's), so that a missing
+    [train] dependency is one line (tests/test_errors.py), not a traceback."""
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        entry_points = archive.read(name).decode()
+    assert "sam_jax_train = sam_jax.errors:train_script" in entry_points.splitlines()
+
+
 def test_source_checkout_finds_the_repository_gin_directory():
     assert run_config.find_gin_dir(str(REPO / "sam_jax")) == str(REPO / "gin")
 

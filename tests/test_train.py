@@ -9,6 +9,8 @@ same step in another run) loads from disk.
 
 import json
 import os
+import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -125,6 +127,11 @@ def test_cli_trains_evaluates_records_the_best_and_resumes(one_device_run, compi
     with open(os.path.join(model_dir, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "train: 100%" in out.stderr  # the progress bar
+    # Native and library noise is dropped; the evaluation's line starts a line of its own.
+    for noise in ("precompiled_charsmap", "cuInit", "uncached FunctionDataset", "not cached"):
+        assert noise not in out.stderr
+    evaluations = re.findall(r"(?s)(.)I\d{4} [\d:.]+ +\d+ train\.py:\d+\] Step \d eval", out.stderr)
+    assert evaluations == ["\n", "\n"]
     # The final table: every task-metric of both tasks, last and best values.
     table = out.stdout[out.stdout.index("task/metric") :]
     for name in ("demo_cbqa/em", "demo_cbqa/f1", "demo_cbqa/loss", "demo_nli/accuracy"):
@@ -197,6 +204,7 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, monkeypatch, caplog,
         patch.setattr(summaries.Summaries, "train_step", sigterm_at_step_2)
         stopped = cli(args + [f"--gin.MODEL_DIR='{interrupted}'"])
     assert (stopped.step, stopped.stopped_by) == (2, "SIGTERM")
+    assert train.exit_status(stopped) == 143 and train.exit_status(result) == 0
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is removed
     checkpoints = os.path.join(interrupted, train.CHECKPOINTS_SUBDIR)
     assert [name for name in os.listdir(checkpoints) if name.isdigit()] == ["2"]
@@ -295,7 +303,11 @@ def stop_worker(args, signal_name, process_id, step):
 
     summaries.Summaries.train_step = signal_after_step
     result = cli(args)
-    return {"step": result.step, "stopped_by": result.stopped_by}
+    return {
+        "step": result.step,
+        "stopped_by": result.stopped_by,
+        "exit_status": train.exit_status(result),
+    }
 
 
 @pytest.mark.parametrize("signal_name, process_id", [("SIGTERM", 1), ("SIGINT", 0)])
@@ -333,10 +345,12 @@ def test_a_signal_to_one_process_stops_both_at_the_same_step(
     ]
     stop_step = results[0]["step"]
     assert stop_step in (1, 2)  # before TRAIN_STEPS = 3
-    # A preemption notice another process received is reported as SIGTERM.
+    # A preemption notice another process received is reported as SIGTERM; every process
+    # exits with 128 + its signal (143 for SIGTERM, 130 for SIGINT): not done, rerun.
+    stopped_by = [signal_name if pid == process_id else "SIGTERM" for pid in range(2)]
     assert results == [
-        {"step": stop_step, "stopped_by": signal_name if pid == process_id else "SIGTERM"}
-        for pid in range(2)
+        {"step": stop_step, "stopped_by": name, "exit_status": 128 + signal.Signals[name].value}
+        for name in stopped_by
     ]
     checkpoints = os.path.join(model_dir, train.CHECKPOINTS_SUBDIR)
     assert [name for name in os.listdir(checkpoints) if name.isdigit()] == [str(stop_step)]
@@ -449,6 +463,328 @@ def test_eval_gin_evaluates_the_latest_checkpoint_and_trains_nothing(one_device_
     with pytest.raises(run_config.ConfigError, match="no checkpoint in .* to evaluate"):
         cli(args + [f"--gin.MODEL_DIR='{tmp_path / 'none'}'"])
     assert not os.path.exists(tmp_path / "none")
+
+
+# --- Resume checks: damaged checkpoints, config changes ----------------------------------
+
+# δ-SAM with a checkpoint every step: steps 1, 2, 3 are kept.
+DELTA_SAM_ARGS = RUN_ARGS + [
+    "--gin_file=sam/delta_sam.gin",
+    "--gin.CHECKPOINT_PERIOD=1",
+    "--gin.EVAL_PERIOD=2",
+    "--gin.train.progress_bar=False",
+]
+
+
+@pytest.fixture(scope="module")
+def delta_sam_run(tmp_path_factory, compilation_cache):
+    """(model_dir, params): a δ-SAM run saved at steps 1, 2, 3, and its parameters at step 4
+    (the run resumed undamaged to step 4 in a copy)."""
+    model_dir = str(tmp_path_factory.mktemp("delta_sam") / "run")
+    result = cli(DELTA_SAM_ARGS + ["--gin.TRAIN_STEPS=3", f"--gin.MODEL_DIR='{model_dir}'"])
+    assert result.step == 3
+    assert saved_steps(model_dir) == [1, 2, 3]
+    reference = str(tmp_path_factory.mktemp("delta_sam_reference") / "run")
+    shutil.copytree(model_dir, reference)
+    cli(DELTA_SAM_ARGS + ["--gin.TRAIN_STEPS=4", f"--gin.MODEL_DIR='{reference}'"])
+    return model_dir, final_params(reference, 4)
+
+
+def saved_steps(model_dir):
+    checkpoints = os.path.join(model_dir, train.CHECKPOINTS_SUBDIR)
+    return sorted(int(name) for name in os.listdir(checkpoints) if name.isdigit())
+
+
+def copy_of(run, tmp_path):
+    model_dir = str(tmp_path / "run")
+    shutil.copytree(run, model_dir)
+    return model_dir, os.path.join(model_dir, train.CHECKPOINTS_SUBDIR)
+
+
+def truncate_data_chunks(step_dir):
+    chunks = [p for p in step_dir.glob("default/**/d/*") if p.stat().st_size > 1]
+    assert chunks
+    for chunk in chunks:
+        os.truncate(chunk, chunk.stat().st_size // 2)
+
+
+def empty_directory(step_dir):
+    shutil.rmtree(step_dir)
+    step_dir.mkdir()
+
+
+def corrupt_iterator_state(step_dir):
+    (path,) = step_dir.glob("train_ds/process_0-of-1/iterator.data-*")
+    path.write_bytes(b"not a tf.data iterator state")
+
+
+# Damage to the latest checkpoint (step 3) that makes it unreadable.
+STEP_DAMAGE = {
+    "truncated_data": truncate_data_chunks,
+    "no_metadata": lambda d: os.remove(d / "default" / "_METADATA"),
+    "emptied_step": empty_directory,
+    "corrupt_iterator_state": corrupt_iterator_state,
+}  # (tests/test_checkpoints.py also removes the state item)
+
+
+@pytest.mark.slow  # a resume per kind of damage (tests/test_checkpoints.py: each kind, fast)
+@pytest.mark.parametrize("damage", sorted(STEP_DAMAGE))
+def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(
+    delta_sam_run, tmp_path, caplog, damage
+):
+    """Step 3 damaged: the run resumes from step 2, says so in one line, keeps step 3's
+    files as 3.damaged and trains to step 4 exactly as the undamaged run does."""
+    model_dir, reference = copy_of(delta_sam_run[0], tmp_path)[0], delta_sam_run[1]
+    checkpoints = pathlib.Path(model_dir, train.CHECKPOINTS_SUBDIR)
+    STEP_DAMAGE[damage](checkpoints / "3")
+    damaged_files = file_tree(checkpoints / "3")
+    result = cli(DELTA_SAM_ARGS + ["--gin.TRAIN_STEPS=4", f"--gin.MODEL_DIR='{model_dir}'"])
+    assert (result.step, result.stopped_by) == (4, None)
+    fallback = [r.getMessage() for r in caplog.records if "resuming from step 2" in r.getMessage()]
+    assert len(fallback) == 1 and "\n" not in fallback[0]
+    assert fallback[0].startswith(f"The checkpoint of step 3 in {checkpoints} cannot be read: ")
+    assert fallback[0].endswith(f"(kept as {checkpoints / '3.damaged'}).")
+    kept = {
+        path.replace("3.damaged", "3", 1): size
+        for path, (size, _) in file_tree(checkpoints / "3.damaged").items()
+    }
+    assert kept == {path: size for path, (size, _) in damaged_files.items()}
+    assert saved_steps(model_dir) == [2, 3, 4]
+    assert max_difference(final_params(model_dir, 4), reference) <= 1e-6
+    history = summaries.read_history(model_dir)
+    assert [r["step"] for r in history if "train" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in history if "eval" in r] == [2, 4]
+    # The best table names evaluated steps the run still has (step 3's was never evaluated).
+    with train.checkpoints.Checkpointer(str(checkpoints)) as checkpointer:
+        assert {best.step for best in checkpointer.best().values()} <= {2, 4}
+
+
+def test_an_invalid_best_table_is_rebuilt_from_the_eval_history(delta_sam_run, tmp_path, caplog):
+    model_dir, checkpoints = copy_of(delta_sam_run[0], tmp_path)
+    best_file = os.path.join(checkpoints, train.checkpoints.BEST_CHECKPOINTS_FILE)
+    with open(best_file, encoding="utf-8") as f:
+        table = json.load(f)
+    write(best_file, '{"demo_nli/accuracy": {"value": 1.0,')
+    result = cli(DELTA_SAM_ARGS + ["--gin.TRAIN_STEPS=4", f"--gin.MODEL_DIR='{model_dir}'"])
+    assert result.step == 4
+    assert f"{best_file} is not a valid best-checkpoint table (JSONDecodeError" in caplog.text
+    with open(f"{best_file}.damaged", encoding="utf-8") as f:
+        assert f.read() == '{"demo_nli/accuracy": {"value": 1.0,'
+    with open(best_file, encoding="utf-8") as f:
+        rebuilt = json.load(f)
+    # The table rebuilt from metrics.jsonl (evaluations at steps 2 and 3), then step 4's
+    # evaluation recorded: a metric's entry is the lost one unless step 4 beat it.
+    assert set(rebuilt) == set(table)
+    for metric, entry in table.items():
+        assert rebuilt[metric] == entry or rebuilt[metric]["step"] == 4
+
+
+def test_a_partial_save_left_by_a_crash_is_ignored(delta_sam_run, tmp_path, caplog):
+    """A step directory orbax never committed (its temporary name) is not a checkpoint."""
+    model_dir, checkpoints = copy_of(delta_sam_run[0], tmp_path)
+    partial = os.path.join(checkpoints, "4.orbax-checkpoint-tmp-1234")
+    shutil.copytree(os.path.join(checkpoints, "3"), partial)
+    result = cli(DELTA_SAM_ARGS + ["--gin.TRAIN_STEPS=4", f"--gin.MODEL_DIR='{model_dir}'"])
+    assert result.step == 4 and "cannot be read" not in caplog.text
+    assert not os.path.exists(partial)  # orbax removes what it never committed
+    assert not [name for name in os.listdir(checkpoints) if "damaged" in name]
+    assert max_difference(final_params(model_dir, 4), delta_sam_run[1]) <= 1e-6
+
+
+def test_no_intact_checkpoint_is_a_one_line_error_naming_the_directory(delta_sam_run, tmp_path):
+    model_dir, checkpoints = copy_of(delta_sam_run[0], tmp_path)
+    for step in (1, 2, 3):
+        os.remove(os.path.join(checkpoints, str(step), "default", "_METADATA"))
+    before = file_tree(model_dir)
+    with pytest.raises(run_config.ConfigError) as error:
+        cli(DELTA_SAM_ARGS + ["--gin.TRAIN_STEPS=4", f"--gin.MODEL_DIR='{model_dir}'"])
+    message = error.value.message
+    assert message.startswith(f"No checkpoint in {checkpoints} can be restored (step 3: ")
+    assert "step 1: " in message and message.endswith("Nothing was moved or deleted.")
+    assert "\n" not in message and file_tree(model_dir) == before
+
+
+@pytest.mark.parametrize(
+    "extra_args, diff",
+    [
+        (["--gin_file=sam/sam.gin"], "sam.reweight: @sam_jax.delta_sam() → unset"),
+        (["--gin.BATCH_SIZE=16"], "train.batch_size: 8 → 16"),
+        (["--gin.SEED=1"], "train.seed: 0 → 1"),
+        (["--gin.ETA=0.001"], "delta_sam.eta: 0.0001 → 0.001"),
+    ],
+    ids=["plain_sam", "batch_size", "seed", "eta"],
+)
+def test_resuming_with_another_optimizer_or_data_order_is_refused(delta_sam_run, extra_args, diff):
+    """δ-SAM resumed as plain SAM, with another batch size, seed or η: refused, with the diff."""
+    model_dir = delta_sam_run[0]
+    before = file_tree(model_dir)
+    args = DELTA_SAM_ARGS + ["--gin.TRAIN_STEPS=4", f"--gin.MODEL_DIR='{model_dir}'"]
+    if extra_args[0].startswith("--gin_file"):  # instead of delta_sam.gin
+        args = [arg for arg in args if arg != "--gin_file=sam/delta_sam.gin"]
+    with pytest.raises(run_config.ConfigError) as error:
+        cli(args + extra_args)
+    message = error.value.message
+    assert message.startswith(f"The run in {model_dir} was trained up to step 3 with another ")
+    assert diff in message and "--allow_config_change" in message and "\n" not in message
+    assert file_tree(model_dir) == before
+
+
+def test_allow_config_change_resumes_and_keeps_every_config(delta_sam_run, tmp_path, caplog):
+    model_dir, _ = copy_of(delta_sam_run[0], tmp_path)
+    with open(os.path.join(model_dir, train.CONFIG_FILE), encoding="utf-8") as f:
+        first_config = f.read()
+    args = DELTA_SAM_ARGS + [f"--gin.MODEL_DIR='{model_dir}'", "--gin.ETA=0.001"]
+    result = cli(args + ["--gin.TRAIN_STEPS=4", "--allow_config_change"])
+    assert result.step == 4
+    assert "delta_sam.eta: 0.0001 → 0.001" in caplog.text
+    with open(os.path.join(model_dir, train.CONFIG_FILE), encoding="utf-8") as f:
+        assert f.read() == first_config  # how the run started is never rewritten
+    with open(os.path.join(model_dir, "config_resume_3.gin"), encoding="utf-8") as f:
+        assert "ETA = 0.001" in f.read()
+    # The next resume compares with the latest config: the same η needs no override; a
+    # longer run is a benign change, logged and recorded.
+    caplog.clear()
+    assert cli(args + ["--gin.TRAIN_STEPS=5"]).step == 5
+    assert "train.train_steps: 4 → 5" in caplog.text and "eta" not in caplog.text
+    assert os.path.isfile(os.path.join(model_dir, "config_resume_4.gin"))
+
+
+def test_benign_changes_are_logged_and_the_same_config_writes_nothing(
+    delta_sam_run, tmp_path, caplog
+):
+    model_dir, _ = copy_of(delta_sam_run[0], tmp_path)
+    args = DELTA_SAM_ARGS + [f"--gin.MODEL_DIR='{model_dir}'", "--gin.TRAIN_STEPS=4"]
+    assert cli(args + ["--gin.EVAL_PERIOD=4", "--gin.train.log_period=2"]).step == 4
+    changes = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith("Config changes")
+    ]
+    assert len(changes) == 1
+    for change in ("train.eval_period: 2 → 4", "train.log_period: 1 → 2", "train.model_dir"):
+        assert change in changes[0]
+    assert os.path.isfile(os.path.join(model_dir, "config_resume_3.gin"))
+    caplog.clear()
+    configs = sorted(name for name in os.listdir(model_dir) if name.endswith(".gin"))
+    assert cli(args + ["--gin.EVAL_PERIOD=4", "--gin.train.log_period=2"]).step == 4
+    assert "Config changes" not in caplog.text
+    assert sorted(name for name in os.listdir(model_dir) if name.endswith(".gin")) == configs
+
+
+def test_train_steps_below_the_checkpoint_is_refused_and_changes_nothing(delta_sam_run):
+    model_dir = delta_sam_run[0]
+    before = file_tree(model_dir)
+    with pytest.raises(run_config.ConfigError, match=r"TRAIN_STEPS=2 is below the step 3 "):
+        cli(DELTA_SAM_ARGS + ["--gin.TRAIN_STEPS=2", f"--gin.MODEL_DIR='{model_dir}'"])
+    assert file_tree(model_dir) == before
+
+
+# --- Strict configuration, early checks ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            [*RUN_ARGS, *SAM_ARGS, "--gin.RHOO=0.15"],
+            r"^RHOO \(at --gin\.RHOO\) is set but nothing uses it\. Did you mean RHO\?",
+        ),
+        (
+            [*RUN_ARGS, *SAM_ARGS, "--gin.sam_jax.delta_sam.eta=0.001"],
+            r"delta_sam\.eta .* the run never calls sam_jax\.delta_sam\. gin/sam/delta_sam\.gin "
+            r"uses it: is a --gin_file missing\?",
+        ),
+        (
+            [arg for arg in RUN_ARGS if "finetune" not in arg] + ["--gin.TRAIN_STEPS=3"],
+            r"MIXTURE_OR_TASK_NAME .* nothing uses it\. gin/runs/finetune\.gin uses it",
+        ),
+        ([*RUN_ARGS, *SAM_ARGS, "--gin.MIXTURE_OR_TASK_NAME=demo_mixture"], r"need quotes"),
+        ([*RUN_ARGS, "--gin.TRAIN_STEPS"], r"^--gin\.TRAIN_STEPS has no value"),
+        ([*RUN_ARGS, "--gin.TRAIN_STEPS="], r"^--gin\.TRAIN_STEPS has no value"),
+        (
+            [*RUN_ARGS, *SAM_ARGS, "--gin.SHARPNESS_M=3"],
+            r"^The train step: The batch of 8 examples must be divisible by sharpness_m=3",
+        ),
+    ],
+    ids=["macro_typo", "unused_binding", "no_run_file", "unquoted", "no_value", "empty", "m"],
+)
+def test_configuration_mistakes_are_one_line_errors_before_anything_is_written(
+    tmp_path, args, message
+):
+    model_dir = tmp_path / "run"
+    with pytest.raises(run_config.ConfigError, match=message) as error:
+        cli([*args, f"--gin.MODEL_DIR='{model_dir}'"])
+    assert "\n" not in error.value.message
+    assert not os.path.exists(model_dir)
+
+
+def test_unquoted_strings_and_a_file_as_model_dir_are_named(tmp_path):
+    with pytest.raises(run_config.ConfigError) as error:
+        cli([*RUN_ARGS, *SAM_ARGS, f"--gin.MODEL_DIR={tmp_path}/run"])
+    assert error.value.message == (
+        f"--gin.MODEL_DIR={tmp_path}/run: strings need quotes: pass "
+        f"--gin.MODEL_DIR=\"'{tmp_path}/run'\" (gin reads the value as Python)."
+    )
+    a_file = write(tmp_path / "notes.txt", "not a run")
+    with pytest.raises(run_config.ConfigError, match=r"MODEL_DIR .*notes\.txt is a file"):
+        cli([*RUN_ARGS, *SAM_ARGS, f"--gin.MODEL_DIR='{a_file}'"])
+
+
+def test_eval_gin_writes_its_own_config_and_keeps_the_training_one(delta_sam_run):
+    model_dir = delta_sam_run[0]
+    with open(os.path.join(model_dir, train.CONFIG_FILE), encoding="utf-8") as f:
+        training_config = f.read()
+    args = RUN_ARGS + ["--gin_file=sam/delta_sam.gin", "--gin_file=runs/eval.gin"]
+    assert cli(args + [f"--gin.MODEL_DIR='{model_dir}'"]).step == 3
+    with open(os.path.join(model_dir, train.CONFIG_FILE), encoding="utf-8") as f:
+        assert f.read() == training_config
+    with open(os.path.join(model_dir, "config_eval_3.gin"), encoding="utf-8") as f:
+        assert "train.eval_only = True" in f.read()
+    # Evaluating with another model than the run's is refused, like a resume.
+    with pytest.raises(run_config.ConfigError, match=r"num_encoder_layers: 1 → unset"):
+        other = [arg for arg in args if "num_encoder_layers" not in arg]
+        cli(other + [f"--gin.MODEL_DIR='{model_dir}'"])
+
+
+# --- The command: exit status, --help (a missing extra: tests/test_errors.py) ---------
+
+
+def test_a_stopped_run_exits_with_128_plus_the_signal(tmp_path, compilation_cache):
+    """SIGTERM during training: the checkpoint is saved and the command exits 143, not 0."""
+    model_dir = str(tmp_path / "run")
+    command = [sys.executable, "-m", "sam_jax.train", *RUN_ARGS, "--gin.TRAIN_STEPS=100000"]
+    command += ["--gin.EVAL_PERIOD=100000", f"--gin.MODEL_DIR='{model_dir}'"]
+    process = subprocess.Popen(
+        command,
+        env=process_env(1, compilation_cache),
+        cwd=REPO_DIR,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    stderr = []
+    for line in process.stderr:  # the progress bar after step 1: training has started
+        stderr.append(line)
+        if re.search(r"train: .* [1-9]\d*/100000", line):
+            break
+    process.send_signal(signal.SIGTERM)
+    stderr.append(process.stderr.read())
+    assert process.wait(timeout=300) == 128 + signal.SIGTERM == 143, "".join(stderr)[-3000:]
+    step = saved_steps(model_dir)[-1]
+    assert step >= 1 and f"Stopped by SIGTERM at step {step}" in "".join(stderr)
+    assert train.exit_status(train.TrainResult(step, {}, {}, 0.0, "SIGINT")) == 130
+
+
+def test_help_lists_the_flags_and_exits_0():
+    out = subprocess.run(
+        [sys.executable, "-m", "sam_jax.train", "--help"],
+        env=process_env(1),
+        cwd=REPO_DIR,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    for flag in ("--gin_file", "--gin_bindings", "--allow_config_change", "--module_import"):
+        assert flag in out.stdout
+    assert "Exit status:" in out.stdout
 
 
 # --- INITIAL_CHECKPOINT_PATH ---------------------------------------------------------

@@ -1,0 +1,61 @@
+"""Tests of sam_jax.errors: one-line errors and the console scripts' entry points."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sam_jax import errors
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Runs sam_jax_train's entry point with gin and seqio not importable (a core install).
+WITHOUT_THE_TRAIN_EXTRA = """
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("gin", "seqio"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+sys.meta_path.insert(0, Block())
+from sam_jax import errors
+sys.argv = ["sam_jax_train", "--help"]
+errors.train_script()
+"""
+
+
+def test_a_missing_dependency_of_sam_jax_train_is_one_line_naming_the_extra():
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+    out = subprocess.run(
+        [sys.executable, "-c", WITHOUT_THE_TRAIN_EXTRA],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        "error: sam_jax_train needs the [train] extra (gin is not installed): "
+        'pip install "sam_jax[train]"'
+    )
+
+
+def test_a_console_script_runs_its_module_main(tmp_path, monkeypatch):
+    (tmp_path / "fake_cli.py").write_text("CALLS = []\ndef main():\n    CALLS.append(1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    errors.console_script("fake_cli", "train")()
+    assert sys.modules["fake_cli"].CALLS == [1]
+
+
+def test_a_missing_sam_jax_module_is_a_bug_not_a_missing_extra():
+    with pytest.raises(ModuleNotFoundError, match="sam_jax.no_such_module"):
+        errors.console_script("sam_jax.no_such_module", "train")()
+
+
+def test_config_error_and_one_line():
+    error = errors.ConfigError("BATCH_SIZE must be ≥ 1.")
+    assert isinstance(error, ValueError) and error.message == "BATCH_SIZE must be ≥ 1."
+    assert errors.one_line(ValueError("a\n  b\tc")) == "a b c"
