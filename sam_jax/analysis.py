@@ -146,11 +146,7 @@ def restore_run(run: reproduce.Run) -> RunParams:
         step = checkpointer.latest_step()
         config.check(step is not None, f"{run.key}: no complete checkpoint in {checkpoint_dir}.")
         final = checkpointer.restore(setup.abstract_state, step=step).params
-    path = arguments["initial_checkpoint_path"]
-    if path:  # as `train.start_state` starts a run without a checkpoint
-        initial = train_lib.pretrained_state(setup, path, setup.init_key).params
-    else:
-        initial = setup.init_state().params
+    initial = train_lib.initial_state(setup, arguments["initial_checkpoint_path"]).params
     return RunParams(setup=setup, arguments=arguments, initial=initial, final=final, step=step)
 
 

@@ -22,7 +22,9 @@ paired bootstrap differences against the baselines, `sam_jax.results`),
 `fraction_<task>.png` and `curves_<task>_frac<f>.png`, and with `analyses`
 the landscapes and sharpness of every final checkpoint (`sam_jax.analysis`).
 
-A signal (SIGTERM, SIGINT) ends the grid with exit code `STOPPED_EXIT_CODE`.
+Exit status as sam_jax.train's: 0 when the grid is done, 1 for bad input
+(nothing written), 128 + N when signal N stopped a run (143 for SIGTERM): rerun
+the same command to resume. `--allow_config_change` is passed to every run.
 """
 
 import contextlib
@@ -57,8 +59,6 @@ REPORT_FILE = "results.md"
 COMPILATION_CACHE = "jax_cache"
 WALL_TIME_FILE = "reproduce_wall_seconds.json"
 PLAIN = "plain"
-# A run stopped by a signal: rerun the same command to resume (128 + SIGTERM, as shells report).
-STOPPED_EXIT_CODE = 143
 ANALYSES = ("landscape", "sharpness")
 
 
@@ -414,17 +414,26 @@ def _split_metric(name: str) -> tuple[str, str]:
 
 
 class Stopped(Exception):
-    """A signal stopped a run; its checkpoint is saved and a rerun resumes it."""
+    """A signal stopped a run; its checkpoint is saved and a rerun resumes it.
+
+    Attributes:
+      result: the stopped run's `TrainResult`.
+    """
+
+    def __init__(self, message: str, result: train_lib.TrainResult):
+        super().__init__(message)
+        self.result = result
 
 
 def _wall_time_path(run: Run) -> str:
     return os.path.join(run.model_dir, WALL_TIME_FILE)
 
 
-def train_run(run: Run) -> list[dict[str, Any]]:
+def train_run(run: Run, allow_config_change: bool = False) -> list[dict[str, Any]]:
     """Trains one run through `train` and returns its records.
 
     The wall time of a resumed run includes the invocations a signal stopped.
+    `allow_config_change` is `train`'s (resume a run whose config changed).
 
     Raises:
       Stopped: when a signal stopped the run (its checkpoint is saved).
@@ -435,12 +444,12 @@ def train_run(run: Run) -> list[dict[str, Any]]:
         with open(_wall_time_path(run), encoding="utf-8") as f:
             previous = json.load(f)
     start = time.perf_counter()
-    result = train_lib.train()
+    result = train_lib.train(allow_config_change=allow_config_change)
     wall_seconds = previous + time.perf_counter() - start
     if result.stopped_by:
         with open(_wall_time_path(run), "w", encoding="utf-8") as f:
             json.dump(wall_seconds, f)
-        raise Stopped(f"{run.key} was stopped by {result.stopped_by} at step {result.step}")
+        raise Stopped(f"{run.key} was stopped by {result.stopped_by} at step {result.step}", result)
     return run_records(run, result, wall_seconds, summaries.read_history(run.model_dir))
 
 
@@ -464,7 +473,7 @@ def compilation_cache(directory: str):
         compilation_cache_lib.reset_cache()
 
 
-def run_grid(protocol: Protocol) -> list[dict[str, Any]]:
+def run_grid(protocol: Protocol, allow_config_change: bool = False) -> list[dict[str, Any]]:
     """Trains the runs of the grid not yet in results.json, then writes the report.
 
     Returns:
@@ -491,7 +500,7 @@ def run_grid(protocol: Protocol) -> list[dict[str, Any]]:
                 logging.info("[%d/%d] %s: done, skipped.", index, len(runs), run.key)
                 continue
             logging.info("[%d/%d] %s: training.", index, len(runs), run.key)
-            new = train_run(run)
+            new = train_run(run, allow_config_change)
             if protocol.analyses:
                 from sam_jax import analysis
 
@@ -549,29 +558,26 @@ def parse_protocol(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> Pro
 
 def _main(argv: Sequence[str]) -> None:
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+        sys.exit(f"error: unexpected arguments: {' '.join(argv[1:])}")
     logging.get_absl_handler().addFilter(train_lib.QuietLibraries())
     try:
         chosen = parse_protocol(flags.FLAGS.gin_file, flags.FLAGS.gin_bindings)
-        run_grid(chosen)
+        run_grid(chosen, flags.FLAGS.allow_config_change)
     except ConfigError as error:
         sys.exit(f"error: {error.message}")
     except Stopped as stopped:
         print(f"{stopped}; its checkpoint is saved: rerun the same command to resume the grid.")
-        sys.exit(STOPPED_EXIT_CODE)
+        sys.exit(train_lib.exit_status(stopped.result))
     with open(os.path.join(chosen.output_dir, REPORT_FILE), encoding="utf-8") as f:
         print(f.read())
-    print(
-        f"Runs, {RESULTS_FILE}, {REPORT_FILE} and plots are in {os.path.abspath(chosen.output_dir)}"
-    )
+    where = os.path.abspath(chosen.output_dir)
+    print(f"Runs, {RESULTS_FILE}, {REPORT_FILE} and plots are in {where}")
 
 
 def main() -> None:
     """The console script `sam_jax_reproduce`: `python -m sam_jax.reproduce`."""
-    app.run(
-        _main,
-        flags_parser=lambda argv: app.parse_flags_with_usage(run_config.rewrite_gin_args(argv)),
-    )
+    with train_lib.QuietNativeLogs():
+        app.run(_main, flags_parser=train_lib.flags_parser(__doc__))
 
 
 if __name__ == "__main__":

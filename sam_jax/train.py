@@ -843,12 +843,16 @@ def start_state(
     config.check(
         batch_arguments is not None, f"eval_only: no checkpoint in {model_dir} to evaluate."
     )
+    state = initial_state(setup, initial_checkpoint_path)
+    return Start(state, 0, data.train_batches(**batch_arguments), fell_back=False)
+
+
+def initial_state(setup: TrainSetup, initial_checkpoint_path: str | None):
+    """The step-0 state of a run: the pre-trained model (INITIAL_CHECKPOINT_PATH) or a fresh one."""
     if initial_checkpoint_path:
         logging.info("Starting from the pre-trained %s.", initial_checkpoint_path)
-        state = pretrained_state(setup, initial_checkpoint_path, setup.init_key)
-    else:
-        state = setup.init_state()
-    return Start(state, 0, data.train_batches(**batch_arguments), fell_back=False)
+        return pretrained_state(setup, initial_checkpoint_path, setup.init_key)
+    return setup.init_state()
 
 
 def _on_every_process(condition: bool) -> bool:
@@ -1105,21 +1109,29 @@ def _main(argv: Sequence[str]) -> None:
 HELP_FLAGS = ("-h", "-?", "--help", "--helpshort")
 
 
-def _parse_flags(argv: Sequence[str]) -> list[str]:
-    """absl's flag parsing, after `--gin.NAME=VALUE` rewriting; --help lists this module's flags."""
-    if any(arg in HELP_FLAGS for arg in argv[1:]):
-        print(f"{__doc__}\n{flags.FLAGS.module_help(sys.modules[__name__])}")
-        sys.exit(0)
-    try:
-        return app.parse_flags_with_usage(config.rewrite_gin_args(argv))
-    except config.ConfigError as error:
-        sys.exit(f"error: {error.message}")
+def flags_parser(usage: str) -> Callable[[Sequence[str]], list[str]]:
+    """absl's flag parsing after `--gin.NAME=VALUE` rewriting, for `app.run`.
+
+    --help prints `usage` and this module's flags (the gin and run flags that
+    sam_jax.train and sam_jax.reproduce share) and exits 0.
+    """
+
+    def parse(argv: Sequence[str]) -> list[str]:
+        if any(arg in HELP_FLAGS for arg in argv[1:]):
+            print(f"{usage}\n{flags.FLAGS.module_help(sys.modules[__name__])}")
+            sys.exit(0)
+        try:
+            return app.parse_flags_with_usage(config.rewrite_gin_args(argv))
+        except config.ConfigError as error:
+            sys.exit(f"error: {error.message}")
+
+    return parse
 
 
 def main() -> None:
     """The console script `sam_jax_train`: `python -m sam_jax.train` with the same flags."""
     with QuietNativeLogs():  # absl's initialisation already starts TensorFlow's devices
-        app.run(_main, flags_parser=_parse_flags)
+        app.run(_main, flags_parser=flags_parser(__doc__))
 
 
 if __name__ == "__main__":
