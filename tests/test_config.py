@@ -154,3 +154,23 @@ def test_defaults_of_the_project_gin_files_may_be_left_unused():
     text.where["VOCAB_SIZE"] = "--gin.VOCAB_SIZE"
     with pytest.raises(config.ConfigError, match=r"^VOCAB_SIZE \(at --gin\.VOCAB_SIZE\) is set"):
         config.check_gin_usage(text, root="_root")
+
+
+@pytest.mark.parametrize("name", ["amsgrad", "adagrad", "adafactor", "adamw"])
+def test_the_base_optimizers_gin_can_name(name, tmp_path):
+    """FSAM's Table 5 bases (AMSGrad, Adagrad) are selectable like AdamW and Adafactor."""
+    import optax
+
+    from sam_jax import train  # noqa: F401  (registers `train`)
+
+    config.parse_gin(
+        ["runs/finetune.gin", "models/t5_1_1/tiny.gin"],
+        [
+            f"train.optimizer = @optax.{name}",
+            f"MODEL_DIR = '{tmp_path}'",
+            "MIXTURE_OR_TASK_NAME = 'demo_mixture'",
+            "TRAIN_STEPS = 1",
+        ],
+    )
+    optimizer = gin.query_parameter("train.optimizer")
+    assert optimizer.configurable.wrapped is getattr(optax, name)
