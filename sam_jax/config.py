@@ -473,6 +473,7 @@ def parse_gin(
     gin_files: Sequence[str],
     gin_bindings: Sequence[str],
     search_paths: Sequence[str] = DEFAULT_GIN_SEARCH_PATHS,
+    root: str = "train",
 ) -> None:
     """Replaces the gin config: parses files, then bindings, then finalizes (T5X order).
 
@@ -485,7 +486,8 @@ def parse_gin(
       ConfigError: for a missing or malformed file ('file:line: ...'), a malformed
         binding (an unquoted string: 'strings need quotes'), an unknown
         configurable, a macro or binding that nothing uses (`check_gin_usage`),
-        or a required macro left unset.
+        or a required macro left unset. `root` is the configurable the program
+        calls (`train`; `reproduce.protocol` for a protocol).
     """
     gin.clear_config()
     for path in search_paths:
@@ -503,7 +505,7 @@ def parse_gin(
             raise ConfigError(_binding_error(binding, error)) from error
         except ValueError as error:
             raise ConfigError(f"gin binding {binding!r}: {one_line(error)}") from error
-    check_gin_usage(read_gin_text(gin_files, gin_bindings, search_paths))
+    check_gin_usage(read_gin_text(gin_files, gin_bindings, search_paths), root)
     try:
         gin.finalize()
     except ValueError as error:

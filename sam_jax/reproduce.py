@@ -549,7 +549,11 @@ def write_report(protocol: Protocol, runs: Sequence[Run], records: Sequence[Mapp
 
 def parse_protocol(gin_files: Sequence[str], gin_bindings: Sequence[str]) -> Protocol:
     """Parses the protocol's gin files and bindings and returns its `Protocol`."""
-    run_config.parse_gin(gin_files or [DEFAULT_PROTOCOL], gin_bindings)
+    run_config.parse_gin(
+        gin_files or [DEFAULT_PROTOCOL],
+        gin_bindings,
+        root="reproduce.protocol",
+    )
     try:
         return protocol()
     except TypeError as error:  # a required argument the protocol file did not bind

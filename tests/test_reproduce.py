@@ -91,6 +91,7 @@ def test_sweeps_label_the_variants_by_what_varies(tmp_path):
     [
         ("VARIANTS = ['plain', 'sma']", r"unknown variant 'sma'.*Did you mean \['sam'"),
         ("VARIANTS = []", "VARIANTS is empty"),
+        ("SEDS = [0]", "SEDS .*is set but nothing uses it. Did you mean SEEDS"),
         ("SEEDS = []", "SEEDS is empty"),
         ("SEEDS = [0, 0]", "SEEDS must be distinct integers"),
         ("TRAIN_FRACTIONS = [0]", r"TRAIN_FRACTIONS must be in \(0, 1\], got 0"),
