@@ -530,16 +530,32 @@ def write_report(protocol: Protocol, runs: Sequence[Run], records: Sequence[Mapp
         path = os.path.join(protocol.output_dir, f"fraction_{task}.png")
         results_lib.plot_fractions(records, task, path, title=f"{protocol.name}: {task}")
         for fraction in sorted({r["train_fraction"] for r in records if r["task"] == task}):
+            keys = {
+                r["run"] for r in records if (r["task"], r["train_fraction"]) == (task, fraction)
+            }
             histories = {
-                (run.variant, run.seed): summaries.read_history(run.model_dir)
+                (run.variant, run.seed): _named_as_records(summaries.read_history(run.model_dir))
                 for run in runs
-                if run.train_fraction == fraction and os.path.isdir(run.model_dir)
+                if run.key in keys
             }
             path = os.path.join(protocol.output_dir, f"curves_{task}_frac{fraction:g}.png")
             results_lib.plot_curves(
                 histories, task, path, title=f"{protocol.name}: {task}, fraction {fraction:g}"
             )
     return report
+
+
+def _named_as_records(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """A history whose eval keys are named as the records' ('eval/local_sst2/mcc')."""
+    renamed = []
+    for record in history:
+        if "eval" in record:
+            names = {
+                key: "/".join(_split_metric(key.removeprefix("eval/"))) for key in record["eval"]
+            }
+            record = {**record, "eval": {f"eval/{names[k]}": v for k, v in record["eval"].items()}}
+        renamed.append(record)
+    return renamed
 
 
 # --------------------------------------------------------------------------- #

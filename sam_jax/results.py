@@ -298,7 +298,9 @@ def plot_fractions(
     plt = _pyplot()
     metrics = [m for m in metrics_in(records, task) if m != "loss"] or ["loss"]
     fractions = sorted({r["train_fraction"] for r in records if r["task"] == task})
-    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.8), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(metrics), figsize=(max(5 * len(metrics), 9), 3.8), squeeze=False
+    )
     for ax, metric in zip(axes[0], metrics):
         for variant in variants_in(records):
             points = [
@@ -347,8 +349,8 @@ def plot_curves(
 
     Args:
       histories: {(variant, seed): the run's history (`summaries.read_history`)}.
-      task: the eval task whose metrics are plotted (a name prefix of the
-        history's eval keys, e.g. 'local_sst2' for 'local_sst2_frac0.1/accuracy').
+      task: the eval task whose metrics are plotted ('local_sst2' for the
+        history's eval keys 'local_sst2/accuracy', ...: named as the records).
       path: the PNG to write.
       title: the figure's title.
 
@@ -361,13 +363,15 @@ def plot_curves(
             name
             for history in histories.values()
             for name in summaries.eval_curves(history)
-            if name.split("/")[0].startswith(task)
+            if name.split("/")[0] == task
         }
     )
     panels = ["train loss", *eval_names]
     columns = min(3, len(panels))
     rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(max(5 * columns, 9), 3.6 * rows), squeeze=False
+    )
     for index, panel in enumerate(panels):
         ax = axes[index // columns][index % columns]
         for variant in variants:

@@ -116,7 +116,7 @@ def test_plots_are_pngs(tmp_path):
         {
             "step": 2,
             "train": {"train/loss": 0.5},
-            "eval": {"eval/local_sst2_frac0.1/accuracy": 70.0},
+            "eval": {"eval/local_sst2/accuracy": 70.0},
         },
     ]
     results.plot_curves(
