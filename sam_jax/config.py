@@ -324,10 +324,13 @@ def _close_name(name: str, names: Iterable[str]) -> str | None:
 
 @functools.cache
 def _trainer_gin_files() -> dict[str, str]:
-    """{'gin/<path>': text} of the project's gin files for this trainer (gin/t5x/ is T5X's)."""
+    """{'gin/<path>': text} of the project's gin files for this trainer.
+
+    gin/t5x/ is T5X's, and gin/reproduce/ holds sam_jax.reproduce's protocols.
+    """
     texts = {}
     for root, _, names in os.walk(GIN_DIR):
-        if os.path.relpath(root, GIN_DIR).split(os.sep)[0] == "t5x":
+        if os.path.relpath(root, GIN_DIR).split(os.sep)[0] in ("t5x", "reproduce"):
             continue
         for name in names:
             path = os.path.join(root, name)
@@ -338,12 +341,15 @@ def _trainer_gin_files() -> dict[str, str]:
 
 def _used_by_gin_files(reference: str) -> str:
     """' <file> uses it: is a --gin_file missing?' for the trainer's gin files that mention it."""
-    pattern = re.compile(rf"(^|[^\w.%]){re.escape(reference)}(?!\w)", re.MULTILINE)
+    end = "" if reference.endswith(".") else r"(?!\w)"  # 'sam.' is a prefix; '%RHO' a word
+    pattern = re.compile(rf"(^|[^\w.%]){re.escape(reference)}{end}", re.MULTILINE)
     users = [path for path, text in _trainer_gin_files().items() if pattern.search(text)]
     if not users:
         return " Check the name and the --gin_file list."
+    shown = users[:4] + ([f"{len(users) - 4} more"] if len(users) > 4 else [])
+    names = shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} and {shown[-1]}"
     verb = "uses" if len(users) == 1 else "use"
-    return f" {' and '.join(users[:2])} {verb} it: is a --gin_file missing?"
+    return f" {names} {verb} it: is a --gin_file missing?"
 
 
 def check_gin_usage(text: GinText, root: str = "train") -> None:
@@ -406,23 +412,6 @@ def check_gin_usage(text: GinText, root: str = "train") -> None:
             f"{key} (at {text.where[key]}) is bound, but the run never calls "
             f"{selector}.{_used_by_gin_files(selector + '.')}",
         )
-
-
-def _used_by_gin_files(reference: str) -> str:
-    """' <file> uses it: is a --gin_file missing?' for the trainer's gin files that mention it."""
-    users = []
-    for root, _, names in os.walk(GIN_DIR):
-        if os.path.relpath(root, GIN_DIR).split(os.sep)[0] == "t5x":  # T5X's, not the trainer's
-            continue
-        for name in sorted(names):
-            path = os.path.join(root, name)
-            with open(path, encoding="utf-8") as f:
-                if re.search(rf"(^|[^\w.]){re.escape(reference)}", f.read(), re.MULTILINE):
-                    users.append(os.path.relpath(path, os.path.dirname(GIN_DIR)))
-    if not users:
-        return " Check the name and the --gin_file list."
-    verb = "uses" if len(users) == 1 else "use"
-    return f" {' and '.join(sorted(users)[:2])} {verb} it: is a --gin_file missing?"
 
 
 class ConfigChange(NamedTuple):

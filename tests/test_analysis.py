@@ -53,10 +53,10 @@ def _trained(run, monkeypatch):
     seen = {}
     start_state, loop_run = train_lib.start_state, train_lib.TrainLoop.run
 
-    def recording_start_state(setup, *args):
-        state, step = start_state(setup, *args)
-        seen["setup"], seen["initial"] = setup, jax.device_get(state.params)
-        return state, step
+    def recording_start_state(setup, *args, **kwargs):
+        start = start_state(setup, *args, **kwargs)
+        seen["setup"], seen["initial"] = setup, jax.device_get(start.state.params)
+        return start
 
     def recording_run(self, *args):
         state, step = loop_run(self, *args)

@@ -92,11 +92,12 @@ def test_unused_macros_and_bindings_are_refused(tmp_path, bindings, message):
 
 
 def test_a_macro_of_another_project_gin_file_names_that_file(tmp_path):
-    """TRAIN_FRACTION is gin/tasks/local_tsv.gin's: the error points there, not at a typo."""
+    """TRAIN_FRACTION is the task files': the error points there, not at a typo."""
     with pytest.raises(config.ConfigError) as error:
         check_usage(tmp_path, ["TRAIN_FRACTION = 0.5"])
     assert error.value.message.endswith(
-        "is set but nothing uses it. gin/tasks/local_tsv.gin uses it: is a --gin_file missing?"
+        "is set but nothing uses it. gin/tasks/benchmark.gin, gin/tasks/demo.gin, "
+        "gin/tasks/glue_encoder.gin and gin/tasks/local_tsv.gin use it: is a --gin_file missing?"
     )
 
 

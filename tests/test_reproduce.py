@@ -39,10 +39,15 @@ def tiny_grid(output_dir, *extra):
 
 @pytest.fixture(autouse=True)
 def _unregister():
+    """Removes the tasks and mixtures a test registered (the runs register their own)."""
+    import seqio
+
+    def names():
+        return set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names())
+
+    before = names()
     yield
-    registry.remove(
-        [f"demo_{n}_frac0.05{s}" for n in ("cbqa", "nli", "mixture") for s in ("", "_seed1")]
-    )
+    registry.remove(sorted(names() - before))
 
 
 def test_the_grid_is_tasks_by_variants_by_fractions_by_seeds(tmp_path):
