@@ -204,3 +204,31 @@ def test_bad_requests_are_one_line_errors(tmp_path, analyses, options, message):
         analysis.analyze(run, analyses, **options)
     assert "\n" not in error.value.message
     assert not os.path.exists(run.model_dir)
+
+
+def test_a_grid_with_analyses_records_them_and_reports_table_4(tmp_path):
+    """ANALYSES through `reproduce.run_grid`: every record of the run has them, and results.md."""
+    bindings = [
+        TINY_RUNS,
+        "VARIANTS = ['plain']",
+        "SEEDS = [0]",
+        "TRAIN_FRACTIONS = [0.05]",
+        "TRAIN_STEPS = 2",
+        "EVALUATIONS = 1",
+        "ANALYSES = ['sharpness']",
+        f"OUTPUT_DIR = '{tmp_path}'",
+    ]
+    protocol = reproduce.parse_protocol([reproduce.DEFAULT_PROTOCOL], bindings)
+    try:
+        records = reproduce.run_grid(protocol)
+    finally:
+        registry.remove([f"demo_{name}_frac0.05" for name in ("cbqa", "nli", "mixture")])
+    assert {r["task"] for r in records} == {"demo_cbqa", "demo_nli"}
+    measured = [r["sharpness"] for r in records]
+    assert measured[0] == measured[1]  # measured once per run, on both tasks' examples
+    assert measured[0]["rho"] == analysis.DEFAULT_RHO
+    assert measured[0]["adversarial_loss"] > measured[0]["clean_loss"]
+    report = (tmp_path / "results.md").read_text()
+    assert "Sharpness of the final checkpoints (δ-SAM Table 4)" in report
+    saved = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert saved[0]["sharpness"] == measured[0]
