@@ -155,35 +155,62 @@ def protocol(
       ConfigError: for an unknown variant (in `variants` or `sweeps`) or analysis,
         a fraction outside (0, 1], no seeds, or TRAIN_STEPS < 1.
     """
-    run_config.check(bool(variants), "VARIANTS is empty: name at least one, e.g. ['plain', 'sam'].")
-    for variant in variants:
+    chosen = Protocol(
+        name=name,
+        run_gin_files=tuple(run_gin_files),
+        run_bindings=dict(run_bindings or {}),
+        run_overrides=dict(run_overrides or {}),
+        tasks={label: dict(bindings) for label, bindings in tasks.items()},
+        variants=tuple(variants),
+        sweeps={
+            v: {m: tuple(values) for m, values in s.items()} for v, s in (sweeps or {}).items()
+        },
+        seeds=tuple(seeds),
+        train_fractions=tuple(train_fractions),
+        train_steps=train_steps,
+        evaluations=evaluations,
+        output_dir=output_dir,
+        baselines=tuple(baselines),
+        analyses=tuple(analyses),
+    )
+    check_protocol(chosen)
+    return chosen._replace(train_fractions=tuple(float(f) for f in train_fractions))
+
+
+def check_protocol(protocol: Protocol) -> None:
+    """ConfigError for the first setting of `protocol` that cannot run (see `protocol`)."""
+    run_config.check(
+        bool(protocol.variants), "VARIANTS is empty: name at least one, e.g. ['plain', 'sam']."
+    )
+    for variant in (*protocol.variants, *protocol.sweeps):  # sweeps may name variants left out
         variant_gin_files(variant)
-    sweeps = {v: {m: tuple(values) for m, values in s.items()} for v, s in (sweeps or {}).items()}
-    for variant in sweeps:  # a protocol may sweep variants that VARIANTS leaves out
-        variant_gin_files(variant)
+    seeds = protocol.seeds
     run_config.check(bool(seeds), "SEEDS is empty: give at least one seed, e.g. [0].")
     run_config.check(
         all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
         and len(set(seeds)) == len(seeds),
         f"SEEDS must be distinct integers, got {list(seeds)}.",
     )
-    run_config.check(bool(train_fractions), "TRAIN_FRACTIONS is empty: e.g. [0.1].")
-    for fraction in train_fractions:
+    run_config.check(bool(protocol.train_fractions), "TRAIN_FRACTIONS is empty: e.g. [0.1].")
+    for fraction in protocol.train_fractions:
         run_config.check(
             isinstance(fraction, (int, float)) and 0 < fraction <= 1,
             f"TRAIN_FRACTIONS must be in (0, 1], got {fraction!r}.",
         )
+    steps, evaluations = protocol.train_steps, protocol.evaluations
     run_config.check(
-        isinstance(train_steps, int) and train_steps >= 1,
-        f"TRAIN_STEPS must be ≥ 1, got {train_steps!r}.",
+        isinstance(steps, int) and steps >= 1, f"TRAIN_STEPS must be ≥ 1, got {steps!r}."
     )
     run_config.check(
         evaluations is None or (isinstance(evaluations, int) and evaluations >= 1),
         f"EVALUATIONS must be ≥ 1 (or None), got {evaluations!r}.",
     )
-    unknown = sorted(set(analyses) - set(ANALYSES))
+    unknown = sorted(set(protocol.analyses) - set(ANALYSES))
     run_config.check(not unknown, f"unknown analyses {unknown}; choose from {list(ANALYSES)}.")
-    run_config.check(bool(tasks), "tasks is empty: the protocol must name at least one task.")
+    run_config.check(
+        bool(protocol.tasks), "tasks is empty: the protocol must name at least one task."
+    )
+    output_dir = protocol.output_dir
     run_config.check(
         not os.path.isfile(output_dir), f"OUTPUT_DIR {output_dir!r} is a file; give a directory."
     )
@@ -191,22 +218,6 @@ def protocol(
         "://" not in output_dir,
         f"OUTPUT_DIR must be a local directory, got {output_dir!r}: the grid's records, "
         "report and runs are written with local file I/O.",
-    )
-    return Protocol(
-        name=name,
-        run_gin_files=tuple(run_gin_files),
-        run_bindings=dict(run_bindings or {}),
-        run_overrides=dict(run_overrides or {}),
-        tasks={label: dict(bindings) for label, bindings in tasks.items()},
-        variants=tuple(variants),
-        sweeps=sweeps,
-        seeds=tuple(seeds),
-        train_fractions=tuple(float(f) for f in train_fractions),
-        train_steps=train_steps,
-        evaluations=evaluations,
-        output_dir=output_dir,
-        baselines=tuple(baselines),
-        analyses=tuple(analyses),
     )
 
 
