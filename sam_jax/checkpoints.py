@@ -53,6 +53,7 @@ from typing import NamedTuple
 from typing import Protocol
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
@@ -60,6 +61,8 @@ from flax import linen as nn
 from jax.experimental import multihost_utils
 
 BEST_CHECKPOINTS_FILE = "best_checkpoints.json"
+# Where a run keeps its checkpoints: `<MODEL_DIR>/checkpoints`.
+RUN_SUBDIR = "checkpoints"
 # What a damaged step directory (or best-checkpoint table) is renamed to: not a step for orbax.
 DAMAGED_SUFFIX = ".damaged"
 # The orbax items of a step: the state (orbax's name for a single item, as
@@ -80,6 +83,17 @@ class DamagedCheckpointError(Exception):
         super().__init__(f"The checkpoint of step {step} in {directory} cannot be read: {reason}")
         self.step = step
         self.reason = reason
+
+
+@contextlib.contextmanager
+def reporting_damage(directory: str, step: int):
+    """Turns any error of reading `step` (orbax, TensorStore, tf.data) into one type."""
+    try:
+        yield
+    except Exception as error:  # orbax raises many types, some a bare Exception
+        reason = " ".join(f"{type(error).__name__}: {error}".split())
+        reason = reason.split(" See full TensorStore details")[0]  # a repr of its spec follows
+        raise DamagedCheckpointError(directory, step, reason[:200]) from error
 
 
 class Best(NamedTuple):
@@ -331,18 +345,8 @@ class Checkpointer:
                 f"No checkpoint for step {step} in {self.directory}; saved steps: {sorted(steps)}."
             )
         restore = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(abstract_state)})
-        with self._reporting_damage(step):
+        with reporting_damage(self.directory, step):
             return self._manager.restore(step, args=restore)[STATE_ITEM]
-
-    @contextlib.contextmanager
-    def _reporting_damage(self, step: int):
-        """Turns any error of reading `step` (orbax, TensorStore, tf.data) into one type."""
-        try:
-            yield
-        except Exception as error:  # orbax raises many types, some a bare Exception
-            reason = " ".join(f"{type(error).__name__}: {error}".split())
-            reason = reason.split(" See full TensorStore details")[0]  # a repr of its spec follows
-            raise DamagedCheckpointError(self.directory, step, reason[:200]) from error
 
     def has_iterator(self, step: int) -> bool:
         """Whether `step` holds this process's iterator position.
@@ -375,7 +379,7 @@ class Checkpointer:
                 f"position of {process_directory_name()}."
             )
         restore = ocp.args.Composite(**{ITERATOR_ITEM: IteratorArgs(iterator)})
-        with self._reporting_damage(step):
+        with reporting_damage(self.directory, step):
             self._manager.restore(step, args=restore)
 
     def record_eval(self, step: int, metrics: Mapping[str, float]) -> dict[str, Best]:
@@ -471,6 +475,84 @@ class Checkpointer:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, self._best_path)
+
+
+def is_run(path: str) -> bool:
+    """Whether `path` is a sam_jax run's MODEL_DIR (it has a `checkpoints` directory)."""
+    return os.path.isdir(os.path.join(path, RUN_SUBDIR))
+
+
+def restore_run_params(model_dir: str, abstract_params: Any) -> tuple[Any, int]:
+    """Parameters of a finished run's last checkpoint, to start another run from (task transfer).
+
+    Reads `<model_dir>/checkpoints/<latest step>` without opening a
+    `CheckpointManager` (nothing in the other run's directory is written or
+    cleaned up), and only the parameters `abstract_params` names: a subtree of
+    the run's `params` leaves the rest out, e.g. a classifier's head.
+
+    Args:
+      model_dir: the run's MODEL_DIR.
+      abstract_params: the parameters wanted, `jax.ShapeDtypeStruct`s. Leaves with
+        a sharding come back as `jax.Array`s read into it, the others as numpy.
+
+    Returns:
+      (params, step): the parameters, in `abstract_params`' tree and dtypes, and
+      the step they were saved at.
+
+    Raises:
+      ValueError: the run has no checkpoint, its latest step cannot be read (an
+        older step is not taken in its place: it is not the run's result), or it
+        lacks a wanted parameter or has it in another shape (named).
+
+    Example::
+
+      encoder, step = restore_run_params("/runs/qnli/fsam", {"encoder": abstract["encoder"]})
+    """
+    directory = os.path.join(model_dir, RUN_SUBDIR)
+    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if is_run(model_dir) else []
+    if not steps:
+        raise ValueError(f"{model_dir} has no checkpoint in {RUN_SUBDIR}/ to start from.")
+    step = steps[-1]
+    path = os.path.join(directory, str(step), STATE_ITEM)
+    try:
+        with ocp.PyTreeCheckpointer() as checkpointer:
+            with reporting_damage(directory, step):
+                saved = checkpointer.metadata(path).item_metadata.tree["params"]
+            _check_saved_shapes(saved, abstract_params, f"{model_dir} (step {step})")
+            with reporting_damage(directory, step):
+                restored = checkpointer.restore(
+                    path,
+                    args=ocp.args.PyTreeRestore(
+                        item={"params": abstract_params},
+                        restore_args={"params": jax.tree.map(_restore_args, abstract_params)},
+                        partial_restore=True,
+                    ),
+                )
+    except DamagedCheckpointError as error:
+        raise ValueError(str(error)) from error
+    return restored["params"], step
+
+
+def _restore_args(leaf: jax.ShapeDtypeStruct) -> ocp.RestoreArgs:
+    if leaf.sharding is None:
+        return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+    return ocp.ArrayRestoreArgs(sharding=leaf.sharding, global_shape=leaf.shape, dtype=leaf.dtype)
+
+
+def _check_saved_shapes(saved: Any, wanted: Any, name: str) -> None:
+    """ValueError naming the wanted parameters `saved` (metadata) lacks or shapes otherwise."""
+    shapes = {jax.tree_util.keystr(p): tuple(m.shape) for p, m in jax.tree.leaves_with_path(saved)}
+    missing, reshaped = [], []
+    for path, leaf in jax.tree.leaves_with_path(wanted):
+        key = jax.tree_util.keystr(path)
+        if key not in shapes:
+            missing.append(key)
+        elif shapes[key] != tuple(leaf.shape):
+            reshaped.append(f"{key} {shapes[key]} (wanted {tuple(leaf.shape)})")
+    problems = [f"no {key}" for key in missing] + reshaped
+    if problems:
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(f"{name} is a run of another model: {'; '.join(problems[:3])}{more}.")
 
 
 def _free_path(path: str) -> str:

@@ -70,6 +70,7 @@ class Protocol(NamedTuple):
     run_bindings: dict[str, Any]
     run_overrides: dict[str, Any]
     tasks: dict[str, dict[str, Any]]
+    transfers: dict[str, str]
     variants: tuple[str, ...]
     sweeps: dict[str, dict[str, tuple[Any, ...]]]
     seeds: tuple[int, ...]
@@ -107,6 +108,7 @@ def protocol(
     run_bindings: Mapping[str, Any] | None = None,
     run_overrides: Mapping[str, Any] | None = None,
     tasks: Mapping[str, Mapping[str, Any]] = gin.REQUIRED,
+    transfers: Mapping[str, str] | None = None,
     variants: Sequence[str] = gin.REQUIRED,
     sweeps: Mapping[str, Mapping[str, Sequence[Any]]] | None = None,
     seeds: Sequence[int] = (0,),
@@ -131,6 +133,11 @@ def protocol(
         {'sst2': {'TASK_DIR': '/data/sst2'}}); the label names its directory. A
         task may bind its own TRAIN_STEPS (and LEARNING_RATE, ...), as FSAM's
         per-task epochs (gin/reproduce/fsam_glue.gin).
+      transfers: {task: source task}: the task's runs start from the last
+        checkpoint of the source task's run with the same variant (and sweep
+        setting), fraction and seed (INITIAL_CHECKPOINT_PATH = that run's
+        MODEL_DIR; an encoder gets a new head), as FSAM's task transfer from QNLI
+        (gin/reproduce/fsam_transfer.gin). A source is listed before its tasks.
       variants: 'plain' or the name of a gin/sam file ('sam', 'delta_sam', 'fsam', ...).
       sweeps: {variant: {macro: [values]}}: the variant runs once per combination
         (e.g. {'delta_sam': {'RHO': [0.01, 0.05], 'ETA': [1e-4, 1e-3]}}); swept
@@ -161,6 +168,7 @@ def protocol(
         run_bindings=dict(run_bindings or {}),
         run_overrides=dict(run_overrides or {}),
         tasks={label: dict(bindings) for label, bindings in tasks.items()},
+        transfers=dict(transfers or {}),
         variants=tuple(variants),
         sweeps={
             v: {m: tuple(values) for m, values in s.items()} for v, s in (sweeps or {}).items()
@@ -210,6 +218,7 @@ def check_protocol(protocol: Protocol) -> None:
     run_config.check(
         bool(protocol.tasks), "tasks is empty: the protocol must name at least one task."
     )
+    _check_transfers(protocol.transfers, list(protocol.tasks))
     output_dir = protocol.output_dir
     run_config.check(
         not os.path.isfile(output_dir), f"OUTPUT_DIR {output_dir!r} is a file; give a directory."
@@ -219,6 +228,20 @@ def check_protocol(protocol: Protocol) -> None:
         f"OUTPUT_DIR must be a local directory, got {output_dir!r}: the grid's records, "
         "report and runs are written with local file I/O.",
     )
+
+
+def _check_transfers(transfers: Mapping[str, str], tasks: Sequence[str]) -> None:
+    """ConfigError unless every transfer goes from a task to a task listed after it."""
+    for target, source in transfers.items():
+        for label, name in ((target, "task"), (source, "source")):
+            run_config.check(
+                label in tasks, f"transfers: the {name} {label!r} is not one of tasks {tasks}."
+            )
+        run_config.check(
+            tasks.index(source) < tasks.index(target),
+            f"transfers: {target!r} starts from {source!r}'s runs, so {source!r} must come "
+            "before it in tasks.",
+        )
 
 
 def variant_gin_files(variant: str) -> tuple[str, ...]:
@@ -270,6 +293,10 @@ def _period_bindings(evaluations: int | None, train_steps: int) -> dict[str, int
     return {"EVAL_PERIOD": period, "CHECKPOINT_PERIOD": period}
 
 
+def _run_key(task: str, variant_label: str, fraction: float, seed: int) -> str:
+    return "/".join([_slug(task), _slug(variant_label), f"frac{fraction:g}", f"seed{seed}"])
+
+
 def grid(protocol: Protocol) -> list[Run]:
     """The protocol's runs: tasks × variants (× sweep settings) × fractions × seeds."""
     runs = []
@@ -280,8 +307,15 @@ def grid(protocol: Protocol) -> list[Run]:
                 _settings(sweep), protocol.train_fractions, protocol.seeds
             ):
                 label = _variant_label(variant, setting, sweep)
-                key = "/".join([_slug(task), _slug(label), f"frac{fraction:g}", f"seed{seed}"])
+                key = _run_key(task, label, fraction, seed)
                 model_dir = os.path.join(protocol.output_dir, key)
+                source = protocol.transfers.get(task)
+                transfer = {}
+                if source is not None:
+                    source_key = _run_key(source, label, fraction, seed)
+                    transfer = {
+                        "INITIAL_CHECKPOINT_PATH": os.path.join(protocol.output_dir, source_key)
+                    }
                 steps = task_bindings.get("TRAIN_STEPS", protocol.train_steps)
                 macros = {
                     **protocol.run_bindings,
@@ -292,6 +326,7 @@ def grid(protocol: Protocol) -> list[Run]:
                     "SEED": seed,
                     "TRAIN_FRACTION": fraction,
                     **protocol.run_overrides,
+                    **transfer,
                     "MODEL_DIR": model_dir,
                 }
                 runs.append(
@@ -322,6 +357,7 @@ _RECORD_DEFINING_FIELDS = (
     "run_bindings",
     "run_overrides",
     "tasks",
+    "transfers",
     "sweeps",
     "train_steps",
     "evaluations",

@@ -79,7 +79,7 @@ from sam_jax.models import t5
 from sam_jax.models import task_models
 
 CONFIG_FILE = "config.gin"
-CHECKPOINTS_SUBDIR = "checkpoints"
+CHECKPOINTS_SUBDIR = checkpoints.RUN_SUBDIR
 
 _GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files to parse, in order.")
 _GIN_BINDINGS = flags.DEFINE_multi_string(
@@ -262,9 +262,11 @@ def pretrained_state(setup: "TrainSetup", path: str, rng: jax.Array):
 
     Args:
       setup: the run's `TrainSetup` (its model must have the checkpoint's shapes).
-      path: a T5X checkpoint (`.../checkpoint_<step>`), or a Hugging Face T5 or
-        BERT-family directory.
-      rng: initialises what the checkpoint does not have (a classifier's head).
+      path: a T5X checkpoint (`.../checkpoint_<step>`), a Hugging Face T5 or
+        BERT-family directory, or the MODEL_DIR of a sam_jax run of the same model
+        (its last checkpoint's parameters: task transfer).
+      rng: initialises what the checkpoint does not have (a classifier's head,
+        new for every task).
 
     Raises:
       config.ConfigError: the checkpoint cannot be read, or is another model.

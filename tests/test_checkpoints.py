@@ -359,3 +359,49 @@ def test_an_invalid_best_table_is_kept_aside_and_rebuilt(tmp_path, sharded, capl
     with Checkpointer(tmp_path) as reopened:
         assert not reopened.best_was_damaged
         assert reopened.best() == {"nli/accuracy": Best(0.7, 3), "nli/loss": Best(2.0, 1)}
+
+
+# --------------------------------------------------------------------------- #
+# Another run's parameters (task transfer).
+# --------------------------------------------------------------------------- #
+
+
+def _run_with_steps(model_dir, state, steps):
+    with Checkpointer(model_dir / "checkpoints", async_save=False) as checkpointer:
+        for step in steps:
+            checkpointer.save(step, jax.tree.map(lambda x, s=step: x + s, state))
+
+
+def test_a_runs_last_parameters_restore_in_part_sharded_or_on_the_host(tmp_path, sharded):
+    abstract, state = sharded
+    _run_with_steps(tmp_path, state, [1, 3])
+    files = _tree(tmp_path)
+    wanted = {"hidden": abstract["params"]["hidden"]}
+    params, step = sam_jax.checkpoints.restore_run_params(str(tmp_path), wanted)
+    assert step == 3 and set(params) == {"hidden"}  # 'out' left out
+    np.testing.assert_array_equal(params["hidden"], state["params"]["hidden"] + 3)
+    assert params["hidden"].sharding == wanted["hidden"].sharding
+    on_host = {"out": jax.ShapeDtypeStruct((8,), jnp.float32)}
+    params, _ = sam_jax.checkpoints.restore_run_params(str(tmp_path), on_host)
+    assert isinstance(params["out"], np.ndarray)
+    np.testing.assert_array_equal(params["out"], state["params"]["out"] + 3)
+    assert _tree(tmp_path) == files  # the other run's directory is only read
+
+
+def test_another_model_a_missing_run_or_a_damaged_last_step_is_one_line(tmp_path, sharded):
+    abstract, state = sharded
+    restore = sam_jax.checkpoints.restore_run_params
+    with pytest.raises(ValueError, match="has no checkpoint in checkpoints/"):
+        restore(str(tmp_path), abstract["params"])
+    _run_with_steps(tmp_path, state, [1, 2])
+    other = {
+        "hidden": jax.ShapeDtypeStruct((6, 4), jnp.float32),
+        "head": jax.ShapeDtypeStruct((2,), jnp.float32),
+    }
+    with pytest.raises(ValueError, match=r"a run of another model: no \['head'\]; "
+                       r"\['hidden'\] \(6, 8\) \(wanted \(6, 4\)\)\.$"):
+        restore(str(tmp_path), other)  # checked before any tensor is read
+    _truncate_data_chunks(tmp_path / "checkpoints" / "2")
+    with pytest.raises(ValueError, match="step 2 in .* cannot be read") as error:
+        restore(str(tmp_path), abstract["params"])  # not step 1: it is not the run's result
+    assert "\n" not in str(error.value)

@@ -105,6 +105,18 @@ def test_sweeps_label_the_variants_by_what_varies(tmp_path):
         ("EVALUATIONS = 0", "EVALUATIONS must be ≥ 1"),
         ("ANALYSES = ['hessian']", r"unknown analyses \['hessian'\]"),
         ("reproduce.protocol.sweeps = {'fsma': {'RHO': [0.1]}}", r"unknown variant 'fsma'"),
+        (
+            "reproduce.protocol.transfers = {'demo': 'qnli'}",
+            r"transfers: the source 'qnli' is not one of tasks \['demo'\]",
+        ),
+        (
+            "reproduce.protocol.transfers = {'rte': 'demo'}",
+            r"transfers: the task 'rte' is not one of tasks",
+        ),
+        (
+            "reproduce.protocol.transfers = {'demo': 'demo'}",
+            "'demo' starts from 'demo''s runs, so 'demo' must come before it in tasks",
+        ),
     ],
 )
 def test_bad_protocols_are_one_line_errors_before_anything_is_written(tmp_path, binding, message):
@@ -300,6 +312,33 @@ def test_fsam_protocol_has_table_10s_bert_rows(tmp_path):
     assert "schedules/warmup_linear_decay.gin" in runs[0].gin_files
 
 
+def test_fsam_transfer_protocol_starts_every_target_from_its_qnli_run(tmp_path):
+    protocol = reproduce.parse_protocol(
+        ["reproduce/fsam_transfer.gin"], ["MODEL = '/models/roberta'", f"OUTPUT_DIR = '{tmp_path}'"]
+    )
+    runs = reproduce.grid(protocol)
+    # (QNLI + 4 targets) × (plain + 3 ρ of SAM + 3 ρ of FSAM) × 5 seeds, QNLI's runs first.
+    assert len(runs) == 5 * 7 * 5
+    assert {r.task for r in runs[:35]} == {"qnli"}
+    rte = _bindings(next(r for r in runs if r.key == "rte/fsam_RHO=0.005/frac1/seed3"))
+    assert rte["INITIAL_CHECKPOINT_PATH"] == repr(f"{tmp_path}/qnli/fsam_RHO=0.005/frac1/seed3")
+    assert rte["ENCODER"] == "'/models/roberta'" and rte["SPARSITY"] == "0.9"
+    qnli = _bindings(runs[0])
+    assert qnli["INITIAL_CHECKPOINT_PATH"] == qnli["ENCODER"] == "'/models/roberta'"
+    # Table 10's RoBERTa rows: (learning rate, steps, warm-up steps).
+    table_10 = {
+        "cola": (1e-5, 2668, 160),
+        "mrpc": (1e-5, 1148, 68),
+        "stsb": (2e-5, 1799, 107),
+        "rte": (2e-5, 1018, 61),
+    }
+    for task, (learning_rate, steps, warmup) in table_10.items():
+        bindings = _bindings(next(r for r in runs if r.task == task))
+        assert float(bindings["LEARNING_RATE"]) == learning_rate
+        assert int(bindings["TRAIN_STEPS"]) == steps and bindings["BATCH_SIZE"] == "16"
+        assert round(float(bindings["WARMUP_FRACTION"]) * steps) == warmup
+
+
 def test_delta_sam_protocol_sweeps_the_papers_grid(tmp_path):
     protocol = reproduce.parse_protocol(
         ["reproduce/delta_sam_glue.gin"],
@@ -393,6 +432,45 @@ def test_encoder_protocols_run_on_mocked_glue(
     (record,) = records
     assert set(record["final"]) == metrics and record["steps"] == 2
     assert record["variant"] == variant
+
+
+@pytest.mark.slow
+def test_fsam_transfer_protocol_runs_on_mocked_glue_from_the_qnli_runs(tmp_path):
+    """RTE's run starts from QNLI's last encoder: at learning rate 0 it ends there."""
+    import jax
+    import minilm
+    import numpy as np
+    from fake_tfds import FakeTfds
+
+    from sam_jax import checkpoints
+    from sam_jax.models import bert
+
+    args = [
+        f"MODEL = '{minilm.model_dir()}'",
+        "VARIANTS = ['fsam']",
+        "SEEDS = [0]",
+        "TRAIN_STEPS = 2",
+        "EVALUATIONS = 1",
+        "TRAIN_FRACTIONS = [0.5]",
+        f"OUTPUT_DIR = '{tmp_path}'",
+        "reproduce.protocol.tasks = {'qnli': {'GLUE_CONFIG': 'qnli', 'LEARNING_RATE': 1e-3}, "
+        "'rte': {'GLUE_CONFIG': 'rte', 'LEARNING_RATE': 0.0}}",
+        "reproduce.protocol.transfers = {'rte': 'qnli'}",
+        "reproduce.protocol.sweeps = {'fsam': {'RHO': [0.01], 'SPARSITY': [0.9]}}",
+        f"RUN_OVERRIDES = {dict(SMALL_RUNS, TASK_FEATURE_LENGTHS={'inputs': 32})!r}",
+    ]
+    protocol = reproduce.parse_protocol(["reproduce/fsam_transfer.gin"], args)
+    with FakeTfds(generate=16).mocked():
+        records = reproduce.run_grid(protocol)
+    assert [(r["task"], r["steps"]) for r in records] == [("glue_encoder_qnli", 2), ("glue_encoder_rte", 2)]
+    model, pretrained = bert.from_pretrained(minilm.model_dir())
+    encoder = {"encoder": bert.abstract_params(bert.BertClassifier(model.config, 2))["encoder"]}
+    qnli, _ = checkpoints.restore_run_params(str(tmp_path / "qnli/fsam/frac0.5/seed0"), encoder)
+    rte, _ = checkpoints.restore_run_params(str(tmp_path / "rte/fsam/frac0.5/seed0"), encoder)
+    for got, want in zip(jax.tree.leaves(rte), jax.tree.leaves(qnli), strict=True):
+        np.testing.assert_array_equal(got, want)
+    tuned = qnli["encoder"]["embeddings"]["word_embeddings"]["embedding"]
+    assert not np.array_equal(tuned, pretrained["embeddings"]["word_embeddings"]["embedding"])
 
 
 # --------------------------------------------------------------------------- #

