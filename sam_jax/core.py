@@ -188,12 +188,22 @@ class SamConfig:
                 f"reweight={self.reweight.name} the ascent gradient is a reweighted one: use "
                 "one of them."
             )
-        if efficient is not None and not efficient.selects_all and self.ascent_fraction != 1.0:
+        if _selects_data(self) and self.ascent_fraction != 1.0:
             raise ValueError(
                 f"esam(gamma={efficient.gamma}) ranks every example by l(w + ε) − l(w), but "
                 f"with ascent_fraction={self.ascent_fraction} l(w) is computed for the ascent "
                 "micro-batch only: set ascent_fraction=1.0, or gamma=1.0."
             )
+
+
+def _draws_weight_mask(config: SamConfig) -> bool:
+    """Whether ESAM perturbs a random fraction β < 1 of the coordinates (SWP)."""
+    return config.esam is not None and not config.esam.perturbs_all
+
+
+def _selects_data(config: SamConfig) -> bool:
+    """Whether ESAM's descent uses a fraction γ < 1 of the examples (SDS)."""
+    return config.esam is not None and not config.esam.selects_all
 
 
 class SamGradientState(NamedTuple):
@@ -481,7 +491,7 @@ def group_gradient(step: StepContext, group, key):
     ascent_batch = batching.ascent_slice(group, size, shards)
     count = batching.ascent_microbatch_count(size, group_size // config.num_microbatches, shards)
     grads, clean_losses, weights, present = ascent_gradient(step, ascent_batch, key, count)
-    swp = config.esam is not None and not config.esam.perturbs_all
+    swp = _draws_weight_mask(config)
     eps = perturbation.ascent_perturbation(  # ESAM: ρ/β on the coordinates kept
         grads,
         step.params,
@@ -490,7 +500,7 @@ def group_gradient(step: StepContext, group, key):
         adaptive_eta=config.adaptive_eta if config.adaptive else None,
     )
     adversarial_params = perturbation.perturbed(step.params, eps.epsilon)
-    if config.esam is not None and not config.esam.selects_all:
+    if _selects_data(config):
         descent, perturbed_loss, aux = selected_descent_gradient(
             step, group, key, adversarial_params, clean_losses, present
         )
@@ -512,6 +522,27 @@ def group_gradient(step: StepContext, group, key):
         mask_density=jnp.float32(1.0),
     )
     return descent, metrics, aux
+
+
+def _check_key(config: SamConfig, key) -> None:
+    """Rejects `key=None` when the step draws random numbers: δ-SAM's r, ESAM's weight mask.
+
+    With ρ the constant 0 neither is drawn (see `_with_mask_and_direction`), so
+    no key is needed.
+
+    Raises:
+      ValueError: `reweight` is set and `key` is None (checked first), or ESAM's
+        β < 1 and `key` is None.
+    """
+    plain = is_plain(config.rho)
+    if config.reweight is not None and key is None and not plain:
+        raise ValueError(
+            f"reweight={config.reweight.name} draws a random perturbation every step: pass `key`."
+        )
+    if _draws_weight_mask(config) and key is None and not plain:
+        raise ValueError(
+            f"esam(beta={config.esam.beta}) draws a random weight mask every step: pass `key`."
+        )
 
 
 def _check_batch(config: SamConfig, num_examples: int) -> None:
@@ -551,6 +582,22 @@ def _over_groups(step: StepContext, batch, key):
     return grads, jax.tree.map(lambda x: x / m, metrics), aux
 
 
+def _batch_gradient(step: StepContext, batch, key):
+    """The batch's SAM gradient, metrics and aux: its one group's, or the m groups' mean.
+
+    Args:
+      step: the `StepContext`, with this step's masks and direction.
+      batch: the whole batch, a pytree of arrays [N, ...].
+      key: the step's PRNG key (the one group's key when `sharpness_m` is 1).
+
+    Returns:
+      `(grads, metrics, aux)`, as `group_gradient` returns them.
+    """
+    if step.config.sharpness_m == 1:
+        return group_gradient(step, batch, key)
+    return _over_groups(step, batch, key)
+
+
 def _with_refreshed_mask(step: StepContext, state: SamGradientState, batch, key):
     """The step with the Fisher mask of this step (refreshed when due), and the mask's state."""
     mask_state = step.config.mask.update(
@@ -584,7 +631,7 @@ def _with_mask_and_direction(step: StepContext, state: SamGradientState, batch, 
     else:
         step, mask_state = _with_refreshed_mask(step, state, batch, key)
         density = mask_state.density
-    if config.esam is not None and not config.esam.perturbs_all and not plain:
+    if _draws_weight_mask(config) and not plain:
         kept = efficient_sam.weight_mask(efficient_sam.key_of(key), step.params, config.esam.beta)
         if step.coordinate_mask is not None:
             kept = jax.tree.map(jnp.logical_and, step.coordinate_mask, kept)
@@ -658,24 +705,13 @@ def sam_gradient(
     Returns:
       A `SamGradient`: the descent gradient, the next state, metrics and aux.
     """
-    plain = is_plain(config.rho)
-    if config.reweight is not None and key is None and not plain:
-        raise ValueError(
-            f"reweight={config.reweight.name} draws a random perturbation every step: pass `key`."
-        )
-    if config.esam is not None and not config.esam.perturbs_all and key is None and not plain:
-        raise ValueError(
-            f"esam(beta={config.esam.beta}) draws a random weight mask every step: pass `key`."
-        )
+    _check_key(config, key)
     num_examples = batching.batch_size(batch)
     _check_batch(config, num_examples)
     rho = rho_at(config.rho, state.count)
     step = StepContext(config, loss_fn, has_aux, present_of, params, rho, None, None, num_examples)
     step, mask_state, density = _with_mask_and_direction(step, state, batch, key)
-    if config.sharpness_m == 1:
-        grads, metrics, aux = group_gradient(step, batch, key)
-    else:
-        grads, metrics, aux = _over_groups(step, batch, key)
+    grads, metrics, aux = _batch_gradient(step, batch, key)
     return SamGradient(
         grads=grads,
         state=SamGradientState(optax.safe_increment(state.count), mask_state),

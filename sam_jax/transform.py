@@ -327,6 +327,24 @@ def sam(
         "surrogate_gap": surrogate_gap,
         "esam": esam,
     }
+    return _transformation_of(optimizer, settings, shape_settings)
+
+
+def _transformation_of(
+    optimizer, settings: dict, shape_settings: dict
+) -> optax.GradientTransformationExtraArgs:
+    """`sam`'s transformation, for concrete shape settings or traced ones.
+
+    Args:
+      optimizer: the descent optimizer.
+      settings: `sam`'s other `SamConfig` arguments (ρ, the variants).
+      shape_settings: the `SHAPE_SETTINGS` arguments, Python numbers or arrays;
+        traced ones come from `optax.inject_hyperparams` under `jax.jit`.
+
+    Returns:
+      `sam_transformation` of the config, or, when a shape setting is traced,
+      `_traced_settings_transformation`.
+    """
     traced = {
         name: v for name, v in shape_settings.items() if _concrete(v) is None and v is not None
     }
