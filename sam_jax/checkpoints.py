@@ -509,7 +509,9 @@ def restore_run_params(model_dir: str, abstract_params: Any) -> tuple[Any, int]:
       encoder, step = restore_run_params("/runs/qnli/fsam", {"encoder": abstract["encoder"]})
     """
     directory = os.path.join(model_dir, RUN_SUBDIR)
-    steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if is_run(model_dir) else []
+    steps = (
+        sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if is_run(model_dir) else []
+    )
     if not steps:
         raise ValueError(f"{model_dir} has no checkpoint in {RUN_SUBDIR}/ to start from.")
     step = steps[-1]

@@ -398,8 +398,11 @@ def test_another_model_a_missing_run_or_a_damaged_last_step_is_one_line(tmp_path
         "hidden": jax.ShapeDtypeStruct((6, 4), jnp.float32),
         "head": jax.ShapeDtypeStruct((2,), jnp.float32),
     }
-    with pytest.raises(ValueError, match=r"a run of another model: no \['head'\]; "
-                       r"\['hidden'\] \(6, 8\) \(wanted \(6, 4\)\)\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"a run of another model: no \['head'\]; "
+        r"\['hidden'\] \(6, 8\) \(wanted \(6, 4\)\)\.$",
+    ):
         restore(str(tmp_path), other)  # checked before any tensor is read
     _truncate_data_chunks(tmp_path / "checkpoints" / "2")
     with pytest.raises(ValueError, match="step 2 in .* cannot be read") as error:

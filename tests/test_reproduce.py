@@ -462,7 +462,10 @@ def test_fsam_transfer_protocol_runs_on_mocked_glue_from_the_qnli_runs(tmp_path)
     protocol = reproduce.parse_protocol(["reproduce/fsam_transfer.gin"], args)
     with FakeTfds(generate=16).mocked():
         records = reproduce.run_grid(protocol)
-    assert [(r["task"], r["steps"]) for r in records] == [("glue_encoder_qnli", 2), ("glue_encoder_rte", 2)]
+    assert [(r["task"], r["steps"]) for r in records] == [
+        ("glue_encoder_qnli", 2),
+        ("glue_encoder_rte", 2),
+    ]
     model, pretrained = bert.from_pretrained(minilm.model_dir())
     encoder = {"encoder": bert.abstract_params(bert.BertClassifier(model.config, 2))["encoder"]}
     qnli, _ = checkpoints.restore_run_params(str(tmp_path / "qnli/fsam/frac0.5/seed0"), encoder)

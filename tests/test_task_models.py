@@ -118,7 +118,9 @@ def test_a_runs_encoder_starts_another_task_with_a_new_head(
     run = _save_run(tmp_path / "run", tuned)
     registered.append("test_scores")
     scores = local.register_tsv_task(
-        "test_scores", write_task(tmp_path / "r", ["fine\t0.5", "great\t4.0"]), vocab,
+        "test_scores",
+        write_task(tmp_path / "r", ["fine\t0.5", "great\t4.0"]),
+        vocab,
         regression=True,
     )
     target = classifier.for_task(scores)
@@ -129,9 +131,13 @@ def test_a_runs_encoder_starts_another_task_with_a_new_head(
         np.testing.assert_array_equal(got, want)  # pooler included
     fresh = target.load_pretrained(str(minilm.model_dir()), jax.random.key(3))["classifier"]
     assert params["classifier"]["kernel"].shape == (384, 1)  # the new task's head
-    for got, want in zip(jax.tree.leaves(params["classifier"]), jax.tree.leaves(fresh), strict=True):
+    for got, want in zip(
+        jax.tree.leaves(params["classifier"]), jax.tree.leaves(fresh), strict=True
+    ):
         np.testing.assert_array_equal(got, want)  # initialised from the rng, not from the run
-    with pytest.raises(ValueError, match="is a sam_jax run, not a Hugging Face directory: .*ENCODER"):
+    with pytest.raises(
+        ValueError, match="is a sam_jax run, not a Hugging Face directory: .*ENCODER"
+    ):
         task_models.encoder_classifier(run)
 
 

@@ -1097,6 +1097,61 @@ def test_minilm_fine_tunes_with_every_sam_variant(variant, tmp_path, registered,
     assert all(np.isfinite(r["train/sam/perturbed_loss"]) for r in history)
 
 
+# README ("Task transfer"): fine-tune from a run's MODEL_DIR; ENCODER is its Hugging Face directory.
+README_TRANSFER = [
+    "--gin_file=runs/finetune_encoder.gin",
+    "--gin.INITIAL_CHECKPOINT_PATH='/runs/qnli_fsam'",
+    "--gin.ENCODER='/models/roberta-large'",
+    "--gin.TASK_DIR='/data/rte'",
+    "--gin.MODEL_DIR='/runs/rte_from_qnli'",
+    "--gin.TRAIN_STEPS=1018",
+]
+
+
+@pytest.mark.slow
+def test_the_readme_transfer_starts_from_the_runs_encoder(tmp_path, registered, compilation_cache):
+    """At learning rate 0 the transferred run ends with the encoder its source run ended with."""
+    from sam_jax.models import bert  # noqa: PLC0415
+
+    source = str(tmp_path / "source")
+    registered.extend(["local_sentiment", "local_target_task"])
+    cli(
+        encoder_args(
+            write_sentiment_tsv(str(tmp_path / "sentiment")), source, "--gin.TRAIN_STEPS=2"
+        )
+    )
+    target = str(tmp_path / "target")
+    places = {
+        "/runs/qnli_fsam": source,
+        "/models/roberta-large": str(minilm.model_dir()),
+        "/data/rte": write_sentiment_tsv(str(tmp_path / "target_task")),
+        "/runs/rte_from_qnli": target,
+    }
+    args = []
+    for arg in README_TRANSFER:
+        for placeholder, path in places.items():
+            arg = arg.replace(placeholder, path)
+        args.append(arg)
+    shorten = [
+        "--gin.TRAIN_STEPS=2",
+        "--gin.LEARNING_RATE=0.0",
+        "--gin.BATCH_SIZE=8",
+        "--gin.TASK_FEATURE_LENGTHS={'inputs': 32}",
+        "--gin.train.progress_bar=False",
+    ]
+    assert cli(args + shorten).step == 2
+    tuned, transferred = final_params(source, 2), final_params(target, 2)
+    for got, want in zip(
+        jax.tree.leaves(transferred["encoder"]), jax.tree.leaves(tuned["encoder"]), strict=True
+    ):
+        np.testing.assert_array_equal(got, want)
+    _, pretrained = bert.from_pretrained(minilm.model_dir())
+    assert not np.array_equal(
+        tuned["encoder"]["embeddings"]["word_embeddings"]["embedding"],
+        pretrained["embeddings"]["word_embeddings"]["embedding"],
+    )
+
+
 def copy_minilm_with(directory, **changes):
     """A copy of the MiniLM directory, with files replaced ({name: text}) or removed (None)."""
     shutil.copytree(minilm.model_dir(), directory)
