@@ -11,7 +11,9 @@ names the trainer's gin files, the tasks, and the grid. Every run of the grid
 is `sam_jax.train.train` with those files plus the variant's `gin/sam/<name>.gin`
 ('plain': none) and the bindings SEED, TRAIN_FRACTION, TRAIN_STEPS and
 MODEL_DIR = OUTPUT_DIR/<task>/<variant>/frac<f>/seed<s>. The runs share JAX's
-compilation cache in OUTPUT_DIR/jax_cache.
+compilation cache in OUTPUT_DIR/jax_cache. With `transfers`, a task's runs
+start from the runs of another task (INITIAL_CHECKPOINT_PATH = their MODEL_DIR),
+which the grid trains first.
 
 After every finished run, `OUTPUT_DIR/results.json` gets one record per eval
 task of the run (`RESULTS_FILE`, written atomically); a rerun skips the runs
