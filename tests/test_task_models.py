@@ -38,24 +38,24 @@ def sentiment(tmp_path, vocab, registered):
     return local.register_tsv_task("test_sentiment", write_task(tmp_path / "s", rows), vocab)
 
 
+@pytest.fixture
+def scores(tmp_path, vocab, registered):
+    rows = ["fine\t0.5", "great\t4.0", "ok\t2.5", "bad\t-1.0"]
+    registered.append("test_scores")
+    return local.register_tsv_task(
+        "test_scores", write_task(tmp_path / "r", rows), vocab, regression=True
+    )
+
+
 @pytest.fixture(scope="module")
 def classifier():
     return task_models.EncoderClassifierModel.from_checkpoint_config(str(minilm.model_dir()))
 
 
-def test_the_encoder_takes_its_head_from_the_task(
-    classifier, sentiment, tmp_path, vocab, registered
-):
+def test_the_encoder_takes_its_head_from_the_task(classifier, sentiment, scores):
     fitted = classifier.for_task(sentiment)
     assert (fitted.num_labels, fitted.regression) == (2, False)
     assert fitted.config.vocab_size == 30522 and fitted.config.num_layers == 6
-    registered.append("test_scores")
-    scores = local.register_tsv_task(
-        "test_scores",
-        write_task(tmp_path / "r", ["fine\t0.5", "great\t4.0"]),
-        vocab,
-        regression=True,
-    )
     assert (classifier.for_task(scores).num_labels, classifier.for_task(scores).regression) == (
         1,
         True,
@@ -108,7 +108,7 @@ def _save_run(model_dir, params, step=7):
 
 
 def test_a_runs_encoder_starts_another_task_with_a_new_head(
-    classifier, sentiment, tmp_path, vocab, registered
+    classifier, sentiment, scores, tmp_path
 ):
     """Task transfer: the encoder and pooler a run fine-tuned, a fresh head of the new task."""
     source = classifier.for_task(sentiment).load_pretrained(
@@ -116,13 +116,6 @@ def test_a_runs_encoder_starts_another_task_with_a_new_head(
     )
     tuned = jax.tree.map(lambda x: x + 0.5, source)  # as if fine-tuned
     run = _save_run(tmp_path / "run", tuned)
-    registered.append("test_scores")
-    scores = local.register_tsv_task(
-        "test_scores",
-        write_task(tmp_path / "r", ["fine\t0.5", "great\t4.0"]),
-        vocab,
-        regression=True,
-    )
     target = classifier.for_task(scores)
     params = target.load_pretrained(run, jax.random.key(3))
     for got, want in zip(
@@ -191,21 +184,14 @@ def test_loss_predictions_and_tokens_follow_their_definitions(classifier, sentim
     assert not np.allclose(dropped, expected, rtol=1e-3)  # dropout is on with a key
 
 
-def test_regression_loss_is_the_squared_error(classifier, tmp_path, vocab, registered):
-    registered.append("test_scores")
-    task = local.register_tsv_task(
-        "test_scores",
-        write_task(tmp_path / "r", ["fine\t0.5", "great\t4.0", "ok\t2.5", "bad\t-1.0"]),
-        vocab,
-        regression=True,
-    )
-    model = classifier.for_task(task)
+def test_regression_loss_is_the_squared_error(classifier, scores):
+    model = classifier.for_task(scores)
     params = model.load_pretrained(str(minilm.model_dir()), jax.random.key(0))
-    batch = batch_of(model, task)
-    scores = np.asarray(model.predict(params, batch, {"inputs": 16}))
-    assert scores.dtype == np.float32 and scores.shape == (4,)
+    batch = batch_of(model, scores)
+    predicted = np.asarray(model.predict(params, batch, {"inputs": 16}))
+    assert predicted.dtype == np.float32 and predicted.shape == (4,)
     np.testing.assert_allclose(
-        model.loss(params, batch, None), (scores - batch["label"]) ** 2, rtol=1e-5
+        model.loss(params, batch, None), (predicted - batch["label"]) ** 2, rtol=1e-5
     )
 
 
