@@ -538,14 +538,6 @@ def train(
         except (ValueError, TypeError) as error:
             raise config.ConfigError(config.one_line(error)) from error
         logging.info("%s; %s", setup.partitioner, model)
-        restart = check_restart(
-            model_dir,
-            checkpointer and checkpointer.latest_step(),
-            train_steps=train_steps,
-            eval_only=eval_only,
-            allow_config_change=allow_config_change,
-        )
-
         start = start_state(
             setup,
             checkpointer,
@@ -553,11 +545,19 @@ def train(
             model_dir,
             batch_arguments=None if eval_only else batch_arguments,
         )
+        restart = check_restart(
+            model_dir,
+            start.step if start.restored else None,
+            train_steps=train_steps,
+            eval_only=eval_only,
+            allow_config_change=allow_config_change,
+        )
         first_batch = None if eval_only else checked_first_batch(setup, start.batches)
         is_chief = jax.process_index() == 0
         if checkpointer is None:
             checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)
-        if start.fell_back or checkpointer.best_was_damaged:
+        set_aside_damaged(checkpointer, start, training=not eval_only)
+        if start.damaged or checkpointer.best_was_damaged:
             checkpointer.rebuild_best(eval_history(model_dir, start.step))
         if is_chief:
             restart.write()
@@ -715,7 +715,7 @@ def check_restart(
     eval_only: bool,
     allow_config_change: bool,
 ) -> Restart:
-    """Checks a start of the run in `model_dir` whose latest checkpoint is `step` (or None).
+    """Checks a start of the run in `model_dir` from its checkpoint of `step` (None: a new run).
 
     A resumed run (or an evaluation) compares its config with the one the run
     trained with (`saved_config`): a changed binding other than a
@@ -782,13 +782,17 @@ class Start(NamedTuple):
       state: the `TrainState`.
       step: its step.
       batches: the training batches from `step` on (None for an evaluation).
-      fell_back: whether newer checkpoints could not be read.
+      restored: whether `state` is a checkpoint of the run (else the pre-trained
+        or a fresh state, at step 0).
+      damaged: the newer checkpoints that could not be read, newest first (still
+        in place: `set_aside_damaged`).
     """
 
     state: trainer_lib.TrainState
     step: int
     batches: data.TrainBatches | None
-    fell_back: bool
+    restored: bool
+    damaged: tuple[checkpoints.DamagedCheckpointError, ...] = ()
 
 
 def start_state(
@@ -801,13 +805,12 @@ def start_state(
     """The newest intact checkpoint of the run, else the pre-trained or a fresh state.
 
     Checkpoints are tried newest first: the state, and with `batch_arguments` (a
-    training run) the input position (`resume_batches`). A step that cannot be
-    read is reported in one line; a training run moves it aside
-    (`Checkpointer.set_aside`: renamed, never deleted) to save that step again.
+    training run) the input position (`resume_batches`). Nothing is written: the
+    steps that cannot be read are in `Start.damaged`.
 
     Raises:
-      config.ConfigError: no saved step can be read (nothing is moved), an
-        evaluation without a checkpoint, or a bad pre-trained checkpoint.
+      config.ConfigError: no saved step can be read, an evaluation without a
+        checkpoint, or a bad pre-trained checkpoint.
     """
     damaged: list[checkpoints.DamagedCheckpointError] = []
     for step in reversed(checkpointer.all_steps() if checkpointer else []):
@@ -820,20 +823,14 @@ def start_state(
                 batches = resume_batches(checkpointer, step, **batch_arguments)
         except checkpoints.DamagedCheckpointError as damage:
             error = damage
-        if not _on_every_process(error is None):  # each process reads its own shards
-            damaged.append(
-                error
-                or checkpoints.DamagedCheckpointError(
-                    checkpointer.directory, step, "another process cannot read it"
-                )
+        if _on_every_process(error is None):  # each process reads its own shards
+            return Start(state, step, batches, restored=True, damaged=tuple(damaged))
+        damaged.append(
+            error
+            or checkpoints.DamagedCheckpointError(
+                checkpointer.directory, step, "another process cannot read it"
             )
-            continue
-        for error in damaged:
-            kept = "kept in place"
-            if batch_arguments is not None:
-                kept = f"kept as {checkpointer.set_aside(error.step)}"
-            logging.warning("%s; resuming from step %d instead (%s).", error, step, kept)
-        return Start(state, step, batches, fell_back=bool(damaged))
+        )
     config.check(
         not damaged,
         f"No checkpoint in {checkpointer and checkpointer.directory} can be restored ("
@@ -844,7 +841,18 @@ def start_state(
         batch_arguments is not None, f"eval_only: no checkpoint in {model_dir} to evaluate."
     )
     state = initial_state(setup, initial_checkpoint_path)
-    return Start(state, 0, data.train_batches(**batch_arguments), fell_back=False)
+    return Start(state, 0, data.train_batches(**batch_arguments), restored=False)
+
+
+def set_aside_damaged(checkpointer: checkpoints.Checkpointer, start: Start, training: bool) -> None:
+    """Reports each of `start.damaged` in one line; a training run moves it aside.
+
+    A training run renames a damaged step (`Checkpointer.set_aside`: never deleted)
+    to save that step again; an evaluation leaves it in place.
+    """
+    for error in start.damaged:
+        kept = f"kept as {checkpointer.set_aside(error.step)}" if training else "kept in place"
+        logging.warning("%s; resuming from step %d instead (%s).", error, start.step, kept)
 
 
 def initial_state(setup: TrainSetup, initial_checkpoint_path: str | None):

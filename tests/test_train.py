@@ -533,7 +533,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(
     delta_sam_run, tmp_path, caplog, damage
 ):
     """Step 3 damaged: the run resumes from step 2, says so in one line, keeps step 3's
-    files as 3.damaged and trains to step 4 exactly as the undamaged run does."""
+    files as 3.damaged, records its config as config_resume_2.gin and trains to step 4
+    exactly as the undamaged run does."""
     model_dir, reference = copy_of(delta_sam_run[0], tmp_path)[0], delta_sam_run[1]
     checkpoints = pathlib.Path(model_dir, train.CHECKPOINTS_SUBDIR)
     STEP_DAMAGE[damage](checkpoints / "3")
@@ -550,6 +551,11 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(
     }
     assert kept == {path: size for path, (size, _) in damaged_files.items()}
     assert saved_steps(model_dir) == [2, 3, 4]
+    # The resumed config (TRAIN_STEPS 3 → 4) is named after the step it resumed from.
+    assert sorted(n for n in os.listdir(model_dir) if n.endswith(".gin")) == [
+        "config.gin",
+        "config_resume_2.gin",
+    ]
     assert max_difference(final_params(model_dir, 4), reference) <= 1e-6
     history = summaries.read_history(model_dir)
     assert [r["step"] for r in history if "train" in r] == [1, 2, 3, 4]
