@@ -12,6 +12,7 @@ holds the project's gin files.
 
 import difflib
 import functools
+import inspect
 import os
 import re
 import tokenize
@@ -317,9 +318,14 @@ def _in_project_gin_file(where: str) -> bool:
     return path.startswith(os.path.realpath(GIN_DIR) + os.sep)
 
 
-def _close_name(name: str, names: Iterable[str]) -> str | None:
-    close = difflib.get_close_matches(name, sorted(set(names) - {name}), n=1)
-    return close[0] if close else None
+def _close_names(name: str, names: Iterable[str], n: int = 1) -> list[str]:
+    """Up to `n` of `names` close to `name` (a typo's candidates), closest first."""
+    return difflib.get_close_matches(name, sorted(set(names) - {name}), n=n)
+
+
+def _did_you_mean(close: Sequence[str]) -> str:
+    """' Did you mean A or B?' for close names, '' for none."""
+    return f" Did you mean {' or '.join(close)}?" if close else ""
 
 
 @functools.cache
@@ -383,14 +389,17 @@ def check_gin_usage(text: GinText, root: str = "train") -> None:
         if name in referenced or _in_project_gin_file(text.where[name]):
             continue
         if name in project_macros:  # a macro of a gin file the run does not include
-            close, where = None, _used_by_gin_files(f"%{name}")
-        elif close := _close_name(name, set(text.macros) | referenced):  # a typo
+            close, where = [], _used_by_gin_files(f"%{name}")
+        elif close := _close_names(name, set(text.macros) | referenced):  # a typo
             where = " Check the name and the --gin_file list."
         else:  # a typo of a macro of a gin file the run does not include?
-            close = _close_name(name, project_macros)
-            where = _used_by_gin_files(f"%{close or name}")
-        hint = f" Did you mean {close}?" if close else ""
-        check(False, f"{name} (at {text.where[name]}) is set but nothing uses it.{hint}{where}")
+            close = _close_names(name, project_macros)
+            where = _used_by_gin_files(f"%{(close or [name])[0]}")
+        check(
+            False,
+            f"{name} (at {text.where[name]}) is set but nothing uses it."
+            f"{_did_you_mean(close)}{where}",
+        )
     used, frontier = set(), [root]
     while frontier:
         name = frontier.pop()
@@ -458,6 +467,62 @@ def _binding_error(binding: str, error: BaseException) -> str:
     return f"malformed gin binding {binding!r}: {one_line(error)}"
 
 
+# gin's errors for a name it does not know; '.' ends the name's sentence.
+_UNKNOWN_NAME = re.compile(
+    r"Configurable '(?P<configurable>[\w./]+)' doesn't have a parameter named "
+    r"'(?P<parameter>\w+)'\."
+    r"|No configurable matching (?:reference )?'@?(?P<unknown>[\w./]+?)(?:\(\))?'\."
+)
+_GIN_FILE_LOCATION = re.compile(r'In file "(?P<file>[^"]+)", line (?P<line>\d+)')
+
+
+def _parameters(selector: str) -> list[str]:
+    """The parameter names of the registered configurable `selector` (none if unknown)."""
+    try:
+        signature = inspect.signature(gin.get_configurable(selector))
+    except (KeyError, ValueError, TypeError):
+        return []
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in signature.parameters.values() if p.kind not in variadic]
+
+
+@functools.cache
+def _configurable_names() -> frozenset[str]:
+    """The configurables the project's gin files bind or reference (`train`, `optax.adamw`, ...)."""
+    text = read_gin_text(list(_trainer_gin_files()), [], (os.path.dirname(GIN_DIR), GIN_DIR))
+    selectors = {key.rsplit("/", 1)[-1].rsplit(".", 1)[0] for key in text.bindings}
+    references = {
+        ref.name.rsplit("/", 1)[-1]
+        for value in (*text.bindings.values(), *text.macros.values())
+        for ref in _references(value)
+        if isinstance(ref, Reference)
+    }
+    return frozenset(selectors | references)
+
+
+def _gin_error(error: ValueError, binding: str | None = None) -> str:
+    """The one-line message of gin's ValueError for gin files or a `binding`.
+
+    A misspelt configurable or parameter is named with the close names ('file:line:
+    Configurable 'train' doesn't have a parameter named 'eval_perod'. Did you mean
+    eval_period?'), without gin's repeat of the line.
+    """
+    message = one_line(error)
+    unknown = _UNKNOWN_NAME.search(message)
+    if unknown is None:
+        return f"gin binding {binding!r}: {message}" if binding else message
+    if unknown["parameter"]:
+        close = _close_names(unknown["parameter"], _parameters(unknown["configurable"]), n=3)
+    else:
+        close = _close_names(unknown["unknown"], _configurable_names(), n=3)
+    where = ""
+    if binding:
+        where = f"gin binding {binding!r}: "
+    elif location := _GIN_FILE_LOCATION.search(message):
+        where = f"{location['file']}:{location['line']}: "
+    return f"{where}{unknown.group(0)}{_did_you_mean(close)}"
+
+
 def parse_gin(
     gin_files: Sequence[str],
     gin_bindings: Sequence[str],
@@ -485,15 +550,17 @@ def parse_gin(
         gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
     except (SyntaxError, tokenize.TokenError) as error:
         raise ConfigError(_malformed_gin_message(error, gin_files, search_paths)) from error
-    except (OSError, ValueError) as error:
+    except OSError as error:
         raise ConfigError(one_line(error)) from error
+    except ValueError as error:
+        raise ConfigError(_gin_error(error)) from error
     for binding in gin_bindings:
         try:
             gin.parse_config_files_and_bindings(None, [binding], finalize_config=False)
         except (SyntaxError, tokenize.TokenError) as error:
             raise ConfigError(_binding_error(binding, error)) from error
         except ValueError as error:
-            raise ConfigError(f"gin binding {binding!r}: {one_line(error)}") from error
+            raise ConfigError(_gin_error(error, binding)) from error
     check_gin_usage(read_gin_text(gin_files, gin_bindings, search_paths), root)
     try:
         gin.finalize()

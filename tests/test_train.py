@@ -734,6 +734,36 @@ def test_unquoted_strings_and_a_file_as_model_dir_are_named(tmp_path):
         cli([*RUN_ARGS, *SAM_ARGS, f"--gin.MODEL_DIR='{a_file}'"])
 
 
+@pytest.mark.parametrize(
+    "binding, message",
+    [
+        (
+            "--gin.train.eval_perod=5",
+            "error: gin binding 'train.eval_perod = 5': Configurable 'train' doesn't have a "
+            "parameter named 'eval_perod'. Did you mean eval_period",
+        ),
+        (
+            "--gin.trian.eval_period=5",
+            "error: gin binding 'trian.eval_period = 5': No configurable matching 'trian'. "
+            "Did you mean train?",
+        ),
+        (
+            "--gin.train.optimizer=@optax.adamww",
+            "error: gin binding 'train.optimizer = @optax.adamww': No configurable matching "
+            "reference '@optax.adamww'. Did you mean optax.adamw?",
+        ),
+    ],
+    ids=["parameter", "configurable", "reference"],
+)
+def test_a_misspelt_name_is_one_line_with_the_close_names(tmp_path, binding, message):
+    out = run_command(
+        ["--gin_file=runs/demo.gin", binding], tmp_path / "run", {}, expect_success=False
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1].startswith(message)
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_eval_gin_writes_its_own_config_and_keeps_the_training_one(delta_sam_run):
     model_dir = delta_sam_run[0]
     with open(os.path.join(model_dir, train.CONFIG_FILE), encoding="utf-8") as f:
