@@ -538,19 +538,19 @@ def train(
         except (ValueError, TypeError) as error:
             raise config.ConfigError(config.one_line(error)) from error
         logging.info("%s; %s", setup.partitioner, model)
+        restart = check_restart(
+            model_dir,
+            checkpointer and checkpointer.latest_step(),
+            train_steps=train_steps,
+            eval_only=eval_only,
+            allow_config_change=allow_config_change,
+        )
         start = start_state(
             setup,
             checkpointer,
             initial_checkpoint_path,
             model_dir,
             batch_arguments=None if eval_only else batch_arguments,
-        )
-        restart = check_restart(
-            model_dir,
-            start.step if start.restored else None,
-            train_steps=train_steps,
-            eval_only=eval_only,
-            allow_config_change=allow_config_change,
         )
         first_batch = None if eval_only else checked_first_batch(setup, start.batches)
         is_chief = jax.process_index() == 0
@@ -560,7 +560,7 @@ def train(
         if start.damaged or checkpointer.best_was_damaged:
             checkpointer.rebuild_best(eval_history(model_dir, start.step))
         if is_chief:
-            restart.write()
+            restart.write(start.step)
         final_step = start.step if eval_only else max(train_steps, start.step)
         with (
             summaries.Summaries(
@@ -676,21 +676,27 @@ RESTART_FREE_ARGUMENTS = frozenset(
 
 
 class Restart(NamedTuple):
-    """What a start of a run writes: its config (`gin.config_str()`) to `path`, if any.
+    """What a start of the run in `model_dir` writes: its config (`gin.config_str()`), if any.
 
     Attributes:
-      path: `config.gin` for a new run, `config_resume_<step>.gin` for a resumed
-        run whose config changed, `config_eval_<step>.gin` for an evaluation, or
-        None (a resumed run with the same config).
+      model_dir: the run's directory.
+      name: the config file's name, `{step}` standing for the step the run starts
+        from (the checkpoint restored, older than the latest after a fallback):
+        `config.gin` for a new run, `config_resume_{step}.gin` for a resumed run
+        whose config changed, `config_eval_{step}.gin` for an evaluation, or None
+        (a resumed run with the same config).
       text: the config.
     """
 
-    path: str | None
+    model_dir: str
+    name: str | None
     text: str
 
-    def write(self) -> None:
-        if self.path is not None:
-            with open(self.path, "w", encoding="utf-8") as f:
+    def write(self, step: int) -> None:
+        """Writes the config of a start from `step`."""
+        if self.name is not None:
+            path = os.path.join(self.model_dir, self.name.format(step=step))
+            with open(path, "w", encoding="utf-8") as f:
                 f.write(self.text)
 
 
@@ -715,22 +721,25 @@ def check_restart(
     eval_only: bool,
     allow_config_change: bool,
 ) -> Restart:
-    """Checks a start of the run in `model_dir` from its checkpoint of `step` (None: a new run).
+    """Checks a start of the run in `model_dir` whose latest checkpoint is `step` (or None).
 
-    A resumed run (or an evaluation) compares its config with the one the run
-    trained with (`saved_config`): a changed binding other than a
-    `RESTART_FREE_ARGUMENTS` one is refused unless `allow_config_change`; the
-    changes are logged. TRAIN_STEPS below `step` is refused. Nothing is written.
+    It runs before the checkpoint is restored (a changed optimizer or model would
+    make the restore fail, less clearly). A resumed run (or an evaluation)
+    compares its config with the one the run trained with (`saved_config`): a
+    changed binding other than a `RESTART_FREE_ARGUMENTS` one is refused unless
+    `allow_config_change`; the changes are logged. TRAIN_STEPS below `step` is
+    refused. Nothing is written.
 
     Returns:
-      The `Restart`, whose config file the run writes once its input is checked.
+      The `Restart`, whose config file the run writes once its input is checked,
+      named after the step it restored (`Restart.write`).
 
     Raises:
       config.ConfigError: a refused change (with the diff) or TRAIN_STEPS below `step`.
     """
     current = gin.config_str()
     if step is None:
-        return Restart(os.path.join(model_dir, CONFIG_FILE), current)
+        return Restart(model_dir, CONFIG_FILE, current)
     config.check(
         eval_only or train_steps >= step,
         f"TRAIN_STEPS={train_steps} is below the step {step} of the checkpoint in {model_dir}: "
@@ -757,8 +766,8 @@ def check_restart(
     )
     if changes:
         logging.warning("Config changes since %s: %s.", saved_path, _listed(changes))
-    name = f"config_eval_{step}.gin" if eval_only else f"config_resume_{step}.gin"
-    return Restart(os.path.join(model_dir, name) if eval_only or changes else None, current)
+    name = "config_eval_{step}.gin" if eval_only else "config_resume_{step}.gin"
+    return Restart(model_dir, name if eval_only or changes else None, current)
 
 
 def _listed(changes: Sequence[config.ConfigChange], limit: int = 4) -> str:
@@ -782,8 +791,6 @@ class Start(NamedTuple):
       state: the `TrainState`.
       step: its step.
       batches: the training batches from `step` on (None for an evaluation).
-      restored: whether `state` is a checkpoint of the run (else the pre-trained
-        or a fresh state, at step 0).
       damaged: the newer checkpoints that could not be read, newest first (still
         in place: `set_aside_damaged`).
     """
@@ -791,7 +798,6 @@ class Start(NamedTuple):
     state: trainer_lib.TrainState
     step: int
     batches: data.TrainBatches | None
-    restored: bool
     damaged: tuple[checkpoints.DamagedCheckpointError, ...] = ()
 
 
@@ -824,7 +830,7 @@ def start_state(
         except checkpoints.DamagedCheckpointError as damage:
             error = damage
         if _on_every_process(error is None):  # each process reads its own shards
-            return Start(state, step, batches, restored=True, damaged=tuple(damaged))
+            return Start(state, step, batches, tuple(damaged))
         damaged.append(
             error
             or checkpoints.DamagedCheckpointError(
@@ -841,7 +847,7 @@ def start_state(
         batch_arguments is not None, f"eval_only: no checkpoint in {model_dir} to evaluate."
     )
     state = initial_state(setup, initial_checkpoint_path)
-    return Start(state, 0, data.train_batches(**batch_arguments), restored=False)
+    return Start(state, 0, data.train_batches(**batch_arguments))
 
 
 def set_aside_damaged(checkpointer: checkpoints.Checkpointer, start: Start, training: bool) -> None:
