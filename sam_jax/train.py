@@ -44,9 +44,13 @@ Exit status: 0 when the run finished (or evaluated); 1 for invalid input
 (SIGTERM 143, SIGINT 130): rerun the same command to resume.
 """
 
+if __name__ == "__main__":  # python -m sam_jax.train: as the console script sam_jax_train
+    from sam_jax import errors
+
+    errors.train_script()  # checks the flags, imports this module as sam_jax.train, runs main
+
 import importlib
 import itertools
-import logging as std_logging
 import os
 import re
 import signal
@@ -77,19 +81,12 @@ from sam_jax import summaries
 from sam_jax import trainer as trainer_lib
 from sam_jax.models import t5
 from sam_jax.models import task_models
+from sam_jax.quiet import QuietLibraries
+from sam_jax.quiet import QuietNativeLogs
 
 CONFIG_FILE = "config.gin"
 CHECKPOINTS_SUBDIR = "checkpoints"
 
-_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files to parse, in order.")
-_GIN_BINDINGS = flags.DEFINE_multi_string(
-    "gin_bindings", [], "Gin bindings, after the files; --gin.NAME=VALUE is the same."
-)
-_GIN_SEARCH_PATHS = flags.DEFINE_list(
-    "gin_search_paths",
-    list(config.DEFAULT_GIN_SEARCH_PATHS),
-    "Directories in which gin files and their includes are looked up.",
-)
 _MODULE_IMPORTS = flags.DEFINE_multi_string(
     "module_import", ["sam_jax.tasks"], "Modules to import first (they register seqio tasks)."
 )
@@ -621,10 +618,7 @@ def _check_arguments(
 ) -> None:
     """`train`'s checks of its arguments alone (ConfigError), before anything is read."""
     config.check(bool(model_dir), "MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\".")
-    config.check(
-        not os.path.exists(model_dir) or os.path.isdir(model_dir),
-        f"MODEL_DIR {model_dir} is a file: pass a directory (a new one for a new run).",
-    )
+    config.check_model_dir(model_dir)
     config.check(bool(mixture_or_task_name), "MIXTURE_OR_TASK_NAME is not set.")
     config.check(
         model is not None, "No model: add a model gin file, e.g. gin/models/t5_1_1/tiny.gin."
@@ -996,89 +990,6 @@ def final_table(result: TrainResult) -> str:
 # --------------------------------------------------------------------------- #
 
 
-class QuietLibraries(std_logging.Filter):
-    """Drops library log records that are noise in a training log.
-
-    Orbax, JAX, TensorFlow and seqio log every step of a save or of a dataset's
-    set-up at INFO; gin's resource reader logs an ERROR for every search path
-    that does not hold a gin file it then finds in the next one; seqio warns
-    that an uncached training dataset may be shuffled differently on restarts
-    (the order here is deterministic and its position is saved with every
-    checkpoint) and that a mixture's rates count input examples (for every
-    uncached task).
-    """
-
-    INFO_LIBRARIES = tuple(
-        f"{os.sep}{package}{os.sep}"
-        for package in ("orbax", os.path.join("jax", "_src"), "seqio", "tensorflow")
-    )
-    GIN_LOOKUPS = f"{os.sep}gin{os.sep}resource_reader.py"
-    SEQIO_WARNINGS = (
-        "Using an uncached FunctionDataset for training",
-        "not cached so using number of input examples",
-    )
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        if record.pathname.endswith(self.GIN_LOOKUPS):
-            return False
-        if f"{os.sep}seqio{os.sep}" in record.pathname and any(
-            warning in str(record.msg) for warning in self.SEQIO_WARNINGS
-        ):
-            return False
-        return record.levelno >= std_logging.WARNING or not any(
-            library in record.pathname for library in self.INFO_LIBRARIES
-        )
-
-
-class QuietNativeLogs:
-    """Drops the lines native libraries write to stderr that a user cannot act on (a context).
-
-    TensorFlow's tokenizer ops log 'precompiled_charsmap is empty' for every
-    SentencePiece vocabulary they load, TensorFlow an ERROR that CUDA is absent
-    on a CPU machine and a WARNING for every partly read cached dataset. C++
-    writes to file descriptor 2 directly, so inside the context fd 2 is a pipe
-    that a thread copies to the real stderr, line by line, without those lines;
-    Python's `sys.stderr` (logging, the progress bar) writes to the real stderr.
-    """
-
-    NOISE = re.compile(
-        rb"precompiled_charsmap is empty|failed call to cuInit|cache_dataset_ops\.cc.*"
-        rb"did not fully read the dataset"
-    )
-
-    def __enter__(self) -> "QuietNativeLogs":
-        sys.stderr.flush()
-        self._stderr_fd = os.dup(2)
-        self._python_stderr = sys.stderr
-        read_fd, write_fd = os.pipe()
-        os.dup2(write_fd, 2)
-        os.close(write_fd)
-        sys.stderr = open(os.dup(self._stderr_fd), "w", buffering=1, closefd=True)
-        for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
-            if getattr(handler, "stream", None) is self._python_stderr:
-                handler.setStream(sys.stderr)
-        self._copier = threading.Thread(target=self._copy, args=(read_fd,), daemon=True)
-        self._copier.start()
-        return self
-
-    def _copy(self, read_fd: int) -> None:
-        with open(read_fd, "rb") as lines:
-            for line in lines:
-                if not self.NOISE.search(line):
-                    os.write(self._stderr_fd, line)
-
-    def __exit__(self, *exc_info) -> None:
-        sys.stderr.flush()
-        os.dup2(self._stderr_fd, 2)  # closes the pipe's last write end: the copier ends
-        self._copier.join(timeout=5)
-        for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
-            if getattr(handler, "stream", None) is sys.stderr:
-                handler.setStream(self._python_stderr)
-        sys.stderr.close()
-        sys.stderr = self._python_stderr
-        os.close(self._stderr_fd)
-
-
 def run(argv: Sequence[str]) -> TrainResult:
     """The body of `main` after flag parsing and `initialize_distributed`.
 
@@ -1091,7 +1002,9 @@ def run(argv: Sequence[str]) -> TrainResult:
         logging.set_verbosity(logging.WARNING)
     for module in _MODULE_IMPORTS.value:
         importlib.import_module(module)
-    config.parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
+    config.parse_gin(
+        config.GIN_FILES.value, config.GIN_BINDINGS.value, config.GIN_SEARCH_PATHS.value
+    )
     result = train(allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     if jax.process_index() == 0:
         print(final_table(result), flush=True)
@@ -1120,19 +1033,17 @@ def _main(argv: Sequence[str]) -> None:
     sys.exit(exit_status(result))
 
 
-HELP_FLAGS = ("-h", "-?", "--help", "--helpshort")
-
-
 def flags_parser(usage: str) -> Callable[[Sequence[str]], list[str]]:
     """absl's flag parsing after `--gin.NAME=VALUE` rewriting, for `app.run`.
 
-    --help prints `usage` and this module's flags (the gin and run flags that
-    sam_jax.train and sam_jax.reproduce share) and exits 0.
+    --help prints `usage` and the gin flags (`sam_jax.config`) and this module's
+    run flags, which sam_jax.train and sam_jax.reproduce share, and exits 0.
     """
 
     def parse(argv: Sequence[str]) -> list[str]:
-        if any(arg in HELP_FLAGS for arg in argv[1:]):
-            print(f"{usage}\n{flags.FLAGS.module_help(sys.modules[__name__])}")
+        if any(arg in config.HELP_FLAGS for arg in argv[1:]):
+            modules = (config, sys.modules[__name__])
+            print("\n".join([usage, *(flags.FLAGS.module_help(m) for m in modules)]))
             sys.exit(0)
         try:
             return app.parse_flags_with_usage(config.rewrite_gin_args(argv))

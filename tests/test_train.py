@@ -121,6 +121,13 @@ def one_device_run(tmp_path_factory, compilation_cache):
 
 def test_cli_trains_evaluates_records_the_best_and_resumes(one_device_run, compilation_cache):
     model_dir, out = one_device_run
+    # TensorFlow's import notices are dropped (sam_jax.quiet.QuietNativeLogs).
+    for notice in (
+        "All log messages before absl::InitializeLog() is called",
+        "oneDNN custom operations are on",
+        "Could not find cuda drivers",
+    ):
+        assert notice not in out.stderr
     files = set(os.listdir(model_dir))
     assert {"config.gin", "metrics.jsonl", "curves.png", "checkpoints"} <= files
     assert any(name.startswith("events.out.tfevents") for name in files)
@@ -760,8 +767,39 @@ def test_a_misspelt_name_is_one_line_with_the_close_names(tmp_path, binding, mes
         ["--gin_file=runs/demo.gin", binding], tmp_path / "run", {}, expect_success=False
     )
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines()[-1].startswith(message)
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(message)
     assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gin.TRAIN_STEPS="], "--gin.TRAIN_STEPS has no value: pass --gin.TRAIN_STEPS=VALUE "),
+        (["--gin.MODEL_DIR=/tmp/x"], "--gin.MODEL_DIR=/tmp/x: strings need quotes: pass "),
+        (["--gin_file=missing.gin"], "Unable to open file: missing.gin is not in the cwd or "),
+        (["--gin.MODEL_DIR='{a_file}'"], "MODEL_DIR {a_file} is a file: pass a directory"),
+    ],
+    ids=["no_value", "unquoted", "missing_file", "model_dir_a_file"],
+)
+def test_flag_and_file_mistakes_are_found_before_the_trainer_is_imported(tmp_path, args, message):
+    """With seqio unimportable, these errors still come: the command checks them first."""
+    seqio_blocked = tmp_path / "blocked" / "seqio"
+    seqio_blocked.mkdir(parents=True)
+    (seqio_blocked / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'seqio'\", name='seqio')\n"
+    )
+    a_file = write(tmp_path / "notes.txt", "not a run")
+    env = process_env(1)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "blocked"), env["PYTHONPATH"]])
+    command = [sys.executable, "-m", "sam_jax.train", "--gin_file=runs/demo.gin"]
+    command += [arg.format(a_file=a_file) for arg in args]
+    out = subprocess.run(
+        command, env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: " + message.format(a_file=a_file)), line
 
 
 def test_eval_gin_writes_its_own_config_and_keeps_the_training_one(delta_sam_run):
