@@ -56,10 +56,10 @@ class QuietLibraries(std_logging.Filter):
 class QuietNativeLogs:
     """Drops the lines native libraries write to stderr that a user cannot act on (a context).
 
-    TensorFlow's import logs three notices (absl's, oneDNN's, CUDA's absence), its
-    tokenizer ops log 'precompiled_charsmap is empty' for every
-    SentencePiece vocabulary they load, TensorFlow an ERROR that CUDA is absent
-    on a CPU machine and a WARNING for every partly read cached dataset. C++
+    TensorFlow's import logs three notices (absl's, oneDNN's, CUDA's absence) once
+    per native library; its tokenizer ops log 'precompiled_charsmap is empty' for
+    every SentencePiece vocabulary they load; TensorFlow logs an ERROR that CUDA is
+    absent on a CPU machine and a WARNING for every partly read cached dataset. C++
     writes to file descriptor 2 directly, so inside the context fd 2 is a pipe
     that a thread copies to the real stderr, line by line, without those lines;
     Python's `sys.stderr` (logging, the progress bar) writes to the real stderr.
