@@ -351,13 +351,7 @@ def setup_training(
       ValueError: for a batch size the mesh or `num_microbatches` does not divide,
         a bad `num_partitions`, or arguments the trainer or the SAM factory rejects.
     """
-    partitioner = partitioning.Partitioner(num_partitions, logical_axis_rules)
-    partitioner.check_batch_size(batch_size)
-    config.check(
-        batch_size % (num_microbatches * partitioner.data_axis_size) == 0,
-        f"The batch size {batch_size} must be a multiple of num_microbatches "
-        f"({num_microbatches}) × the data axis size ({partitioner.data_axis_size}).",
-    )
+    partitioner = checked_mesh(batch_size, num_microbatches, num_partitions, logical_axis_rules)
     trainer = trainer_lib.Trainer(
         model,
         optimizer,
@@ -367,11 +361,6 @@ def setup_training(
         num_data_shards=partitioner.data_axis_size,
     )
     state_shardings = partitioner.shardings(trainer.logical_state())
-    abstract_state = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        jax.eval_shape(trainer.init_state, jax.random.key(0)),
-        state_shardings,
-    )
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
     init_state = partitioner.partition(
         lambda: trainer.init_state(init_key), in_shardings=(), out_shardings=state_shardings
@@ -386,11 +375,42 @@ def setup_training(
         trainer=trainer,
         partitioner=partitioner,
         state_shardings=state_shardings,
-        abstract_state=abstract_state,
+        abstract_state=abstract_state(trainer, state_shardings),
         init_state=init_state,
         train_step=train_step,
         init_key=init_key,
         dropout_key=dropout_key,
+    )
+
+
+def checked_mesh(
+    batch_size: int,
+    num_microbatches: int,
+    num_partitions: int,
+    logical_axis_rules: Sequence[tuple[str, str | None]],
+) -> partitioning.Partitioner:
+    """The run's (data, model) mesh, once its data axis and `num_microbatches` divide the batch.
+
+    Raises:
+      ValueError: a bad `num_partitions` or batch size (`config.ConfigError` for the
+        microbatches).
+    """
+    partitioner = partitioning.Partitioner(num_partitions, logical_axis_rules)
+    partitioner.check_batch_size(batch_size)
+    config.check(
+        batch_size % (num_microbatches * partitioner.data_axis_size) == 0,
+        f"The batch size {batch_size} must be a multiple of num_microbatches "
+        f"({num_microbatches}) × the data axis size ({partitioner.data_axis_size}).",
+    )
+    return partitioner
+
+
+def abstract_state(trainer: trainer_lib.Trainer, state_shardings: Any) -> Any:
+    """The `TrainState` as `jax.ShapeDtypeStruct`s with its shardings (a restore's target)."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        jax.eval_shape(trainer.init_state, jax.random.key(0)),
+        state_shardings,
     )
 
 
@@ -494,47 +514,25 @@ def train(
     if os.path.isdir(checkpoint_dir):
         checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)
     try:
-        try:
-            mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
-            model = model.for_task(mixture_or_task)
-            setup = setup_training(
-                model=model,
+        run = prepare_run(
+            mixture_or_task_name,
+            model,
+            sequence_length=sequence_length,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            eval_split=eval_split,
+            max_eval_examples=max_eval_examples,
+            pack=pack,
+            setup_arguments=dict(
                 optimizer=optimizer,
                 learning_rate=learning_rate,
                 sam=sam,
-                batch_size=batch_size,
                 num_microbatches=num_microbatches,
                 num_partitions=num_partitions,
                 logical_axis_rules=logical_axis_rules,
                 seed=seed,
-            )
-            setup.partitioner.check_batch_size(eval_batch_size)
-            evaluate = evaluation.make_evaluator(
-                setup.trainer,
-                setup.partitioner,
-                setup.state_shardings.params,
-                data.eval_tasks(
-                    mixture_or_task_name,
-                    sequence_length=sequence_length,
-                    batch_size=eval_batch_size,
-                    split=eval_split,
-                    max_examples=max_eval_examples,
-                    feature_converter=model.feature_converter(mixture_or_task, pack=False),
-                ),
-                sequence_length,
-            )
-            batch_arguments = dict(
-                mixture_or_task_name=mixture_or_task_name,
-                sequence_length=sequence_length,
-                global_batch_size=batch_size,
-                seed=seed,
-                feature_converter=model.feature_converter(mixture_or_task, pack),
-                shard_id=setup.partitioner.data_layout.shard_id,
-                num_shards=setup.partitioner.data_layout.num_shards,
-            )
-        except (ValueError, TypeError) as error:
-            raise config.ConfigError(config.one_line(error)) from error
-        logging.info("%s; %s", setup.partitioner, model)
+            ),
+        )
         restart = check_restart(
             model_dir,
             checkpointer and checkpointer.latest_step(),
@@ -543,67 +541,174 @@ def train(
             allow_config_change=allow_config_change,
         )
         start = start_state(
-            setup,
+            run.setup,
             checkpointer,
             initial_checkpoint_path,
             model_dir,
-            batch_arguments=None if eval_only else batch_arguments,
+            batch_arguments=None if eval_only else run.batch_arguments,
         )
-        first_batch = None if eval_only else checked_first_batch(setup, start.batches)
-        is_chief = jax.process_index() == 0
+        first_batch = None if eval_only else checked_first_batch(run.setup, start.batches)
         if checkpointer is None:
             checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)
-        set_aside_damaged(checkpointer, start, training=not eval_only)
-        if start.damaged or checkpointer.best_was_damaged:
-            checkpointer.rebuild_best(eval_history(model_dir, start.step))
-        if is_chief:
-            restart.write(start.step)
-        final_step = start.step if eval_only else max(train_steps, start.step)
-        with (
-            summaries.Summaries(
-                model_dir,
-                total_steps=final_step,
-                start_step=start.step,
-                enabled=is_chief,
-                log_period=log_period,
-                progress_bar=progress_bar,
-            ) as writer,
-            StopSignals() as stop,
-        ):
-            loop = TrainLoop(
-                setup,
-                checkpointer,
-                writer,
-                evaluate,
+        record_start(checkpointer, start, restart, model_dir, eval_only=eval_only)
+        result = run_from(
+            start,
+            first_batch,
+            run,
+            checkpointer,
+            model_dir=model_dir,
+            final_step=start.step if eval_only else max(train_steps, start.step),
+            summaries_arguments=dict(log_period=log_period, progress_bar=progress_bar),
+            loop_arguments=dict(
                 batch_size=batch_size,
                 eval_period=eval_period,
                 checkpoint_period=checkpoint_period,
-            )
-            step = start.step
-            if eval_only:
-                loop.evaluate(step, start.state)
-            else:
-                batches = itertools.chain([first_batch], start.batches)
-                _, step = loop.run(start.state, step, final_step, batches, start.batches, stop)
+            ),
+        )
         checkpointer.wait_until_finished()
     finally:
         if checkpointer is not None:
             checkpointer.close()
-
-    result = TrainResult(
-        step=step,
-        eval=loop.last_eval,
-        best=loop.best,
-        seconds_per_step=writer.seconds_per_step(),
-        stopped_by=stop.name,
-    )
-    if is_chief:
+    if jax.process_index() == 0:
         summaries.plot_history(
             summaries.read_history(model_dir),
             os.path.join(model_dir, summaries.CURVES_FILE),
             title=f"{mixture_or_task_name} ({model_dir})",
         )
     return result
+
+
+class PreparedRun(NamedTuple):
+    """What `train` builds from its arguments before it reads MODEL_DIR.
+
+    Attributes:
+      setup: the `TrainSetup` (the model fitted to the task).
+      evaluate: `evaluate(params) -> {'<task>/<metric>': value}`.
+      batch_arguments: the keyword arguments of `data.train_batches` for this process.
+    """
+
+    setup: TrainSetup
+    evaluate: Callable[[Any], dict[str, float]]
+    batch_arguments: dict[str, Any]
+
+
+def prepare_run(
+    mixture_or_task_name: str,
+    model: task_models.TaskModel,
+    *,
+    sequence_length: Mapping[str, int],
+    batch_size: int,
+    eval_batch_size: int,
+    eval_split: str,
+    max_eval_examples: int | None,
+    pack: bool,
+    setup_arguments: Mapping[str, Any],
+) -> PreparedRun:
+    """The task's model, its `TrainSetup`, evaluator and input arguments (`train`'s names).
+
+    `setup_arguments` are `setup_training`'s other arguments. Nothing is read or
+    written in MODEL_DIR; nothing is compiled.
+
+    Raises:
+      config.ConfigError: the task, the model, the mesh or a batch size rejects the
+        arguments (their ValueError or TypeError, on one line).
+    """
+    try:
+        mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
+        model = model.for_task(mixture_or_task)
+        setup = setup_training(model=model, batch_size=batch_size, **setup_arguments)
+        setup.partitioner.check_batch_size(eval_batch_size)
+        evaluate = evaluation.make_evaluator(
+            setup.trainer,
+            setup.partitioner,
+            setup.state_shardings.params,
+            data.eval_tasks(
+                mixture_or_task_name,
+                sequence_length=sequence_length,
+                batch_size=eval_batch_size,
+                split=eval_split,
+                max_examples=max_eval_examples,
+                feature_converter=model.feature_converter(mixture_or_task, pack=False),
+            ),
+            sequence_length,
+        )
+        batch_arguments = dict(
+            mixture_or_task_name=mixture_or_task_name,
+            sequence_length=sequence_length,
+            global_batch_size=batch_size,
+            seed=setup_arguments["seed"],
+            feature_converter=model.feature_converter(mixture_or_task, pack),
+            shard_id=setup.partitioner.data_layout.shard_id,
+            num_shards=setup.partitioner.data_layout.num_shards,
+        )
+    except (ValueError, TypeError) as error:
+        raise config.ConfigError(config.one_line(error)) from error
+    logging.info("%s; %s", setup.partitioner, model)
+    return PreparedRun(setup, evaluate, batch_arguments)
+
+
+def run_from(
+    start: "Start",
+    first_batch: dict[str, Any] | None,
+    run: PreparedRun,
+    checkpointer: checkpoints.Checkpointer,
+    *,
+    model_dir: str,
+    final_step: int,
+    summaries_arguments: Mapping[str, Any],
+    loop_arguments: Mapping[str, Any],
+) -> TrainResult:
+    """Trains from `start` to `final_step`, or evaluates it (without `first_batch`).
+
+    Opens the run's summaries (`summaries.Summaries(model_dir, ...,
+    **summaries_arguments)`, written by process 0), stops on SIGTERM or SIGINT
+    (`StopSignals`) and runs the `TrainLoop(..., **loop_arguments)`.
+    """
+    with (
+        summaries.Summaries(
+            model_dir,
+            total_steps=final_step,
+            start_step=start.step,
+            enabled=jax.process_index() == 0,
+            **summaries_arguments,
+        ) as writer,
+        StopSignals() as stop,
+    ):
+        loop = TrainLoop(run.setup, checkpointer, writer, run.evaluate, **loop_arguments)
+        step = start.step
+        if first_batch is None:
+            loop.evaluate(step, start.state)
+        else:
+            batches = itertools.chain([first_batch], start.batches)
+            _, step = loop.run(start.state, step, final_step, batches, start.batches, stop)
+    return TrainResult(
+        step=step,
+        eval=loop.last_eval,
+        best=loop.best,
+        seconds_per_step=writer.seconds_per_step(),
+        stopped_by=stop.name,
+    )
+
+
+def record_start(
+    checkpointer: checkpoints.Checkpointer,
+    start: "Start",
+    restart: "Restart",
+    model_dir: str,
+    *,
+    eval_only: bool,
+) -> None:
+    """What a checked start writes: damaged steps set aside, the best table, the config.
+
+    After a fallback (or with an unreadable best table) the best-checkpoint table is
+    rebuilt from the eval history up to the step restored; process 0 writes the
+    start's config file (`Restart.write`).
+    """
+    set_aside_damaged(checkpointer, start, training=not eval_only)
+    if start.damaged or checkpointer.best_was_damaged:
+        checkpointer.rebuild_best(eval_history(model_dir, start.step))
+    if jax.process_index() == 0:
+        restart.write(start.step)
 
 
 def _check_arguments(
