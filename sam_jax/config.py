@@ -4,10 +4,15 @@
 bindings, then finalize) and turns every mistake into a `ConfigError` with a
 one-line message ('file:line: ...' for a malformed file). It is strict: a
 macro or a binding that nothing the run calls uses is an error that suggests
-the close name (`--gin.RHOO=0.15` is refused, not ignored). `config_changes`
-compares two configs (`gin.config_str()` texts) binding by binding, for the
-checks of a resumed run. `train.py` is the command line around it; `GIN_DIR`
-holds the project's gin files.
+the close name (`--gin.RHOO=0.15` is refused, not ignored), and so is a
+misspelt configurable or parameter. `config_changes` compares two configs
+(`gin.config_str()` texts) binding by binding, for the checks of a resumed run.
+
+The module is light (gin and absl, no seqio or TensorFlow): it defines the gin
+flags, and `check_command_line` finds the mistakes that need no registered
+configurable before a console script imports the trainer; `parse_gin` registers
+the configurables (`register_configurables`). `train.py` is the command line
+around it; `GIN_DIR` holds the project's gin files.
 """
 
 import difflib
