@@ -4,14 +4,20 @@
 bindings, then finalize) and turns every mistake into a `ConfigError` with a
 one-line message ('file:line: ...' for a malformed file). It is strict: a
 macro or a binding that nothing the run calls uses is an error that suggests
-the close name (`--gin.RHOO=0.15` is refused, not ignored). `config_changes`
-compares two configs (`gin.config_str()` texts) binding by binding, for the
-checks of a resumed run. `train.py` is the command line around it; `GIN_DIR`
-holds the project's gin files.
+the close name (`--gin.RHOO=0.15` is refused, not ignored), and so is a
+misspelt configurable or parameter. `config_changes` compares two configs
+(`gin.config_str()` texts) binding by binding, for the checks of a resumed run.
+
+The module is light (gin and absl, no seqio or TensorFlow): it defines the gin
+flags, and `check_command_line` finds the mistakes that need no registered
+configurable before a console script imports the trainer; `parse_gin` registers
+the configurables (`register_configurables`). `train.py` is the command line
+around it; `GIN_DIR` holds the project's gin files.
 """
 
 import difflib
 import functools
+import inspect
 import os
 import re
 import tokenize
@@ -22,19 +28,11 @@ from typing import Any
 from typing import NamedTuple
 
 import gin
-import optax
+from absl import flags
 from gin import config_parser
 
-import sam_jax
-from sam_jax import trainer as trainer_lib
 from sam_jax.errors import ConfigError
 from sam_jax.errors import one_line
-from sam_jax.models import t5
-from sam_jax.models import task_models
-from sam_jax.tasks import benchmarks
-from sam_jax.tasks import demo
-from sam_jax.tasks import glue_encoder
-from sam_jax.tasks import local
 
 
 def find_gin_dir(package_dir: str) -> str:
@@ -65,6 +63,18 @@ GIN_DIR = find_gin_dir(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_GIN_SEARCH_PATHS = (GIN_DIR, os.path.dirname(GIN_DIR), ".")
 
 
+GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files to parse, in order.")
+GIN_BINDINGS = flags.DEFINE_multi_string(
+    "gin_bindings", [], "Gin bindings, after the files; --gin.NAME=VALUE is the same."
+)
+GIN_SEARCH_PATHS = flags.DEFINE_list(
+    "gin_search_paths",
+    list(DEFAULT_GIN_SEARCH_PATHS),
+    "Directories in which gin files and their includes are looked up.",
+)
+HELP_FLAGS = ("-h", "-?", "--help", "--helpshort")
+
+
 def check(condition: bool, message: str) -> None:
     """Raises `ConfigError(message)` unless `condition`."""
     if not condition:
@@ -91,32 +101,57 @@ def rewrite_gin_args(argv: Sequence[str]) -> list[str]:
     return rewritten
 
 
-# What gin files may reference (T5X names: `@optax.adafactor`, `@sam_jax.sam`, ...).
-for _fn, _module in (
-    (optax.adafactor, "optax"),
-    (optax.adamw, "optax"),
-    (optax.amsgrad, "optax"),
-    (optax.adagrad, "optax"),
-    (optax.constant_schedule, "optax"),
-    (trainer_lib.rsqrt_schedule, "sam_jax.trainer"),
-    (sam_jax.sam, "sam_jax"),
-    (sam_jax.per_instance_sam, "sam_jax"),
-    (sam_jax.delta_sam, "sam_jax"),
-    (sam_jax.delta_sam_draft, "sam_jax"),
-    (sam_jax.fisher_mask, "sam_jax"),
-    (sam_jax.gsam, "sam_jax"),
-    (sam_jax.gsam_rho_schedule, "sam_jax"),
-    (sam_jax.esam, "sam_jax"),
-    (t5.t5_1_1_config, "sam_jax.models.t5"),
-    (task_models.encoder_decoder, "sam_jax.models.task_models"),
-    (task_models.encoder_classifier, "sam_jax.models.task_models"),
-    (local.tsv_task, "sam_jax.tasks.local"),
-    (demo.mixture, "sam_jax.tasks.demo"),
-    (benchmarks.mixture, "sam_jax.tasks.benchmarks"),
-    (glue_encoder.task, "sam_jax.tasks.glue_encoder"),
-    (trainer_lib.warmup_linear_decay_schedule, "sam_jax.trainer"),
-):
-    gin.external_configurable(_fn, module=_module)
+@functools.cache
+def register_configurables() -> None:
+    """Registers what gin files may reference (T5X names: `@optax.adafactor`, `@sam_jax.sam`, ...).
+
+    `parse_gin` calls it: the model and task modules (seqio, TensorFlow: seconds)
+    are imported then, not with this module, so that `check_command_line` is quick.
+    """
+    import optax
+
+    import sam_jax
+    from sam_jax import trainer as trainer_lib
+    from sam_jax.models import t5
+    from sam_jax.models import task_models
+    from sam_jax.tasks import benchmarks
+    from sam_jax.tasks import demo
+    from sam_jax.tasks import glue_encoder
+    from sam_jax.tasks import local
+
+    for fn, module in (
+        (optax.adafactor, "optax"),
+        (optax.adamw, "optax"),
+        (optax.amsgrad, "optax"),
+        (optax.adagrad, "optax"),
+        (optax.constant_schedule, "optax"),
+        (trainer_lib.rsqrt_schedule, "sam_jax.trainer"),
+        (sam_jax.sam, "sam_jax"),
+        (sam_jax.per_instance_sam, "sam_jax"),
+        (sam_jax.delta_sam, "sam_jax"),
+        (sam_jax.delta_sam_draft, "sam_jax"),
+        (sam_jax.fisher_mask, "sam_jax"),
+        (sam_jax.gsam, "sam_jax"),
+        (sam_jax.gsam_rho_schedule, "sam_jax"),
+        (sam_jax.esam, "sam_jax"),
+        (t5.t5_1_1_config, "sam_jax.models.t5"),
+        (task_models.encoder_decoder, "sam_jax.models.task_models"),
+        (task_models.encoder_classifier, "sam_jax.models.task_models"),
+        (local.tsv_task, "sam_jax.tasks.local"),
+        (demo.mixture, "sam_jax.tasks.demo"),
+        (benchmarks.mixture, "sam_jax.tasks.benchmarks"),
+        (glue_encoder.task, "sam_jax.tasks.glue_encoder"),
+        (trainer_lib.warmup_linear_decay_schedule, "sam_jax.trainer"),
+    ):
+        gin.external_configurable(fn, module=module)
+
+
+def check_model_dir(model_dir: str) -> None:
+    """Refuses a MODEL_DIR that exists and is not a directory (ConfigError)."""
+    check(
+        not os.path.exists(model_dir) or os.path.isdir(model_dir),
+        f"MODEL_DIR {model_dir} is a file: pass a directory (a new one for a new run).",
+    )
 
 
 def _resolve_gin_path(path: str, search_paths: Sequence[str]) -> str | None:
@@ -256,14 +291,19 @@ def read_gin_text(
 ) -> GinText:
     """`GinText` of files (their includes first, where they are) then bindings, as gin reads them.
 
-    Call it on input gin has parsed (`parse_gin` does): it assumes the syntax is valid.
+    It needs no registered configurable: `parse_gin` reads its input with it before
+    gin parses it, and `check_command_line` before the run's imports.
+
+    Raises:
+      ConfigError: for a missing or malformed gin file or include ('file:line: ...')
+        or a malformed binding (an unquoted string: 'strings need quotes').
     """
     text = GinText({}, {}, {})
 
     def add(statements, origin):
         for statement in statements:
             if isinstance(statement, config_parser.IncludeStatement):
-                add_file(statement.filename)
+                add_file(statement.filename, f"{origin}:{statement.location.line_num}: include ")
             elif isinstance(statement, config_parser.BindingStatement):
                 if statement.arg_name:
                     key = f"{statement.selector}.{statement.arg_name}"
@@ -276,17 +316,56 @@ def read_gin_text(
                     f"{origin}:{statement.location.line_num}" if origin else f"--gin.{key}"
                 )
 
-    def add_file(path):
+    def add_file(path, included_at=""):
         resolved = _resolve_gin_path(path, search_paths)
-        if resolved is not None:
+        check(
+            resolved is not None,
+            f"{included_at}Unable to open file: {path} is not in the cwd or in "
+            f"{', '.join(search_paths)}: check --gin_file and --gin_search_paths.",
+        )
+        try:
             with open(resolved, encoding="utf-8") as f:
                 add(config_parser.ConfigParser(f, _TextDelegate()), resolved)
+        except OSError as error:
+            raise ConfigError(f"{included_at}{resolved}: {one_line(error)}") from error
 
-    for path in gin_files:
-        add_file(path)
+    try:
+        for path in gin_files:
+            add_file(path)
+    except (SyntaxError, tokenize.TokenError) as error:
+        raise ConfigError(_malformed_gin_message(error, gin_files, search_paths)) from error
     for binding in gin_bindings:
-        add(config_parser.ConfigParser(binding, _TextDelegate()), None)
+        try:
+            add(config_parser.ConfigParser(binding, _TextDelegate()), None)
+        except (SyntaxError, tokenize.TokenError) as error:
+            raise ConfigError(_binding_error(binding, error)) from error
     return text
+
+
+def check_command_line(argv: Sequence[str]) -> None:
+    """Checks a command line's gin input for the mistakes found without the run's imports.
+
+    Those that need no registered configurable: a `--gin.NAME` without a value, a
+    malformed binding or an unquoted string, a missing or malformed gin file, a
+    MODEL_DIR that is a file. The console scripts call it before they import their
+    module (seconds: seqio, TensorFlow); `parse_gin` checks the same later. --help,
+    or flags absl cannot parse, are left to the command.
+
+    Raises:
+      ConfigError: the first mistake.
+    """
+    if any(arg in HELP_FLAGS for arg in argv[1:]):
+        return
+    try:
+        flags.FLAGS(rewrite_gin_args(argv), known_only=True)
+        text = read_gin_text(GIN_FILES.value, GIN_BINDINGS.value, GIN_SEARCH_PATHS.value)
+    except flags.Error:
+        return
+    finally:
+        flags.FLAGS.unparse_flags()
+    model_dir = text.resolved(text.bindings.get("train.model_dir"))
+    if isinstance(model_dir, str):
+        check_model_dir(model_dir)
 
 
 def _references(value: Any) -> Iterable[Reference | Macro]:
@@ -317,9 +396,14 @@ def _in_project_gin_file(where: str) -> bool:
     return path.startswith(os.path.realpath(GIN_DIR) + os.sep)
 
 
-def _close_name(name: str, names: Iterable[str]) -> str | None:
-    close = difflib.get_close_matches(name, sorted(set(names) - {name}), n=1)
-    return close[0] if close else None
+def _close_names(name: str, names: Iterable[str], n: int = 1) -> list[str]:
+    """Up to `n` of `names` close to `name` (a typo's candidates), closest first."""
+    return difflib.get_close_matches(name, sorted(set(names) - {name}), n=n)
+
+
+def _did_you_mean(close: Sequence[str]) -> str:
+    """' Did you mean A or B?' for close names, '' for none."""
+    return f" Did you mean {' or '.join(close)}?" if close else ""
 
 
 @functools.cache
@@ -383,14 +467,17 @@ def check_gin_usage(text: GinText, root: str = "train") -> None:
         if name in referenced or _in_project_gin_file(text.where[name]):
             continue
         if name in project_macros:  # a macro of a gin file the run does not include
-            close, where = None, _used_by_gin_files(f"%{name}")
-        elif close := _close_name(name, set(text.macros) | referenced):  # a typo
+            close, where = [], _used_by_gin_files(f"%{name}")
+        elif close := _close_names(name, set(text.macros) | referenced):  # a typo
             where = " Check the name and the --gin_file list."
         else:  # a typo of a macro of a gin file the run does not include?
-            close = _close_name(name, project_macros)
-            where = _used_by_gin_files(f"%{close or name}")
-        hint = f" Did you mean {close}?" if close else ""
-        check(False, f"{name} (at {text.where[name]}) is set but nothing uses it.{hint}{where}")
+            close = _close_names(name, project_macros)
+            where = _used_by_gin_files(f"%{(close or [name])[0]}")
+        check(
+            False,
+            f"{name} (at {text.where[name]}) is set but nothing uses it."
+            f"{_did_you_mean(close)}{where}",
+        )
     used, frontier = set(), [root]
     while frontier:
         name = frontier.pop()
@@ -458,6 +545,62 @@ def _binding_error(binding: str, error: BaseException) -> str:
     return f"malformed gin binding {binding!r}: {one_line(error)}"
 
 
+# gin's errors for a name it does not know; '.' ends the name's sentence.
+_UNKNOWN_NAME = re.compile(
+    r"Configurable '(?P<configurable>[\w./]+)' doesn't have a parameter named "
+    r"'(?P<parameter>\w+)'\."
+    r"|No configurable matching (?:reference )?'@?(?P<unknown>[\w./]+?)(?:\(\))?'\."
+)
+_GIN_FILE_LOCATION = re.compile(r'In file "(?P<file>[^"]+)", line (?P<line>\d+)')
+
+
+def _parameters(selector: str) -> list[str]:
+    """The parameter names of the registered configurable `selector` (none if unknown)."""
+    try:
+        signature = inspect.signature(gin.get_configurable(selector))
+    except (KeyError, ValueError, TypeError):
+        return []
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in signature.parameters.values() if p.kind not in variadic]
+
+
+@functools.cache
+def _configurable_names() -> frozenset[str]:
+    """The configurables the project's gin files bind or reference (`train`, `optax.adamw`, ...)."""
+    text = read_gin_text(list(_trainer_gin_files()), [], (os.path.dirname(GIN_DIR), GIN_DIR))
+    selectors = {key.rsplit("/", 1)[-1].rsplit(".", 1)[0] for key in text.bindings}
+    references = {
+        ref.name.rsplit("/", 1)[-1]
+        for value in (*text.bindings.values(), *text.macros.values())
+        for ref in _references(value)
+        if isinstance(ref, Reference)
+    }
+    return frozenset(selectors | references)
+
+
+def _gin_error(error: Exception, binding: str | None = None) -> str:
+    """The one-line message of gin's error for gin files or a `binding`.
+
+    A misspelt configurable or parameter is named with the close names ('file:line:
+    Configurable 'train' doesn't have a parameter named 'eval_perod'. Did you mean
+    eval_period?'), without gin's repeat of the line.
+    """
+    message = one_line(error)
+    unknown = _UNKNOWN_NAME.search(message)
+    if unknown is None:
+        return f"gin binding {binding!r}: {message}" if binding else message
+    if unknown["parameter"]:
+        close = _close_names(unknown["parameter"], _parameters(unknown["configurable"]), n=3)
+    else:
+        close = _close_names(unknown["unknown"], _configurable_names(), n=3)
+    where = ""
+    if binding:
+        where = f"gin binding {binding!r}: "
+    elif location := _GIN_FILE_LOCATION.search(message):
+        where = f"{location['file']}:{location['line']}: "
+    return f"{where}{unknown.group(0)}{_did_you_mean(close)}"
+
+
 def parse_gin(
     gin_files: Sequence[str],
     gin_bindings: Sequence[str],
@@ -478,23 +621,21 @@ def parse_gin(
         or a required macro left unset. `root` is the configurable the program
         calls (`train`; `reproduce.protocol` for a protocol).
     """
+    register_configurables()
+    text = read_gin_text(gin_files, gin_bindings, search_paths)
     gin.clear_config()
     for path in search_paths:
         gin.add_config_file_search_path(path)
     try:
         gin.parse_config_files_and_bindings(gin_files, None, finalize_config=False)
-    except (SyntaxError, tokenize.TokenError) as error:
-        raise ConfigError(_malformed_gin_message(error, gin_files, search_paths)) from error
     except (OSError, ValueError) as error:
-        raise ConfigError(one_line(error)) from error
+        raise ConfigError(_gin_error(error)) from error
     for binding in gin_bindings:
         try:
             gin.parse_config_files_and_bindings(None, [binding], finalize_config=False)
-        except (SyntaxError, tokenize.TokenError) as error:
-            raise ConfigError(_binding_error(binding, error)) from error
         except ValueError as error:
-            raise ConfigError(f"gin binding {binding!r}: {one_line(error)}") from error
-    check_gin_usage(read_gin_text(gin_files, gin_bindings, search_paths), root)
+            raise ConfigError(_gin_error(error, binding)) from error
+    check_gin_usage(text, root)
     try:
         gin.finalize()
     except ValueError as error:

@@ -1,8 +1,9 @@
 """Errors of bad input to a run: one line, naming the setting and the fix.
 
-Also the console scripts' entry points (`train_script`, `reproduce_script`): they import their
-module only when run, so that a missing optional dependency is one line naming
-the extra to install, not a traceback.
+Also the console scripts' entry points (`train_script`, `reproduce_script`; `python -m
+sam_jax.train` and `python -m sam_jax.reproduce` run them too): they check the command
+line, then import their module, so that a missing optional dependency is one line
+naming the extra to install, not a traceback.
 """
 
 import functools
@@ -56,26 +57,38 @@ def reporting_input_errors(fn: Callable) -> Callable:
 def console_script(module: str, extra: str) -> Callable[[], None]:
     """The entry point of a console script: runs `module.main()`.
 
-    A dependency of `module` that is not installed exits with one line naming the
-    extra that installs it (`pip install "sam_jax[<extra>]"`); a missing module
-    of sam_jax itself is a bug and raises.
+    First the command line's gin input is checked (`sam_jax.config.check_command_line`:
+    its mistakes are one line in about a second, before the seconds of seqio's and
+    TensorFlow's imports); then `module` is imported, TensorFlow's import notices
+    dropped (`sam_jax.quiet.QuietNativeLogs`). A dependency that is not installed
+    exits with one line naming the extra that installs it
+    (`pip install "sam_jax[<extra>]"`); a missing module of sam_jax itself is a
+    bug and raises.
 
     Example::
 
       train_script = console_script("sam_jax.train", "train")  # setup.py's sam_jax_train
     """
+    script = f"sam_jax_{module.rsplit('.', 1)[-1]}"
 
-    def main() -> None:
+    def imported(name: str):
         try:
-            entry = importlib.import_module(module)
+            return importlib.import_module(name)
         except ModuleNotFoundError as error:
             if (error.name or "").split(".")[0] == "sam_jax":
                 raise
-            script = f"sam_jax_{module.rsplit('.', 1)[-1]}"
             sys.exit(
                 f"error: {script} needs the [{extra}] extra ({error.name} is not installed): "
                 f'pip install "sam_jax[{extra}]"'
             )
+
+    def main() -> None:
+        try:
+            imported("sam_jax.config").check_command_line(sys.argv)
+        except ConfigError as error:
+            sys.exit(f"error: {error.message}")
+        with imported("sam_jax.quiet").QuietNativeLogs():
+            entry = imported(module)
         entry.main()
 
     main.__doc__ = f"The console script of `{module}` (it needs the [{extra}] extra)."

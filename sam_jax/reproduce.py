@@ -29,6 +29,11 @@ Exit status as sam_jax.train's: 0 when the grid is done, 1 for bad input
 the same command to resume. `--allow_config_change` is passed to every run.
 """
 
+if __name__ == "__main__":  # python -m sam_jax.reproduce: as the console script
+    from sam_jax import errors
+
+    errors.reproduce_script()  # checks the flags, imports this module, runs main
+
 import contextlib
 import itertools
 import json

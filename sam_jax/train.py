@@ -44,9 +44,13 @@ Exit status: 0 when the run finished (or evaluated); 1 for invalid input
 (SIGTERM 143, SIGINT 130): rerun the same command to resume.
 """
 
+if __name__ == "__main__":  # python -m sam_jax.train: as the console script sam_jax_train
+    from sam_jax import errors
+
+    errors.train_script()  # checks the flags, imports this module as sam_jax.train, runs main
+
 import importlib
 import itertools
-import logging as std_logging
 import os
 import re
 import signal
@@ -77,19 +81,12 @@ from sam_jax import summaries
 from sam_jax import trainer as trainer_lib
 from sam_jax.models import t5
 from sam_jax.models import task_models
+from sam_jax.quiet import QuietLibraries
+from sam_jax.quiet import QuietNativeLogs
 
 CONFIG_FILE = "config.gin"
 CHECKPOINTS_SUBDIR = checkpoints.RUN_SUBDIR
 
-_GIN_FILES = flags.DEFINE_multi_string("gin_file", [], "Gin files to parse, in order.")
-_GIN_BINDINGS = flags.DEFINE_multi_string(
-    "gin_bindings", [], "Gin bindings, after the files; --gin.NAME=VALUE is the same."
-)
-_GIN_SEARCH_PATHS = flags.DEFINE_list(
-    "gin_search_paths",
-    list(config.DEFAULT_GIN_SEARCH_PATHS),
-    "Directories in which gin files and their includes are looked up.",
-)
 _MODULE_IMPORTS = flags.DEFINE_multi_string(
     "module_import", ["sam_jax.tasks"], "Modules to import first (they register seqio tasks)."
 )
@@ -356,13 +353,7 @@ def setup_training(
       ValueError: for a batch size the mesh or `num_microbatches` does not divide,
         a bad `num_partitions`, or arguments the trainer or the SAM factory rejects.
     """
-    partitioner = partitioning.Partitioner(num_partitions, logical_axis_rules)
-    partitioner.check_batch_size(batch_size)
-    config.check(
-        batch_size % (num_microbatches * partitioner.data_axis_size) == 0,
-        f"The batch size {batch_size} must be a multiple of num_microbatches "
-        f"({num_microbatches}) × the data axis size ({partitioner.data_axis_size}).",
-    )
+    partitioner = checked_mesh(batch_size, num_microbatches, num_partitions, logical_axis_rules)
     trainer = trainer_lib.Trainer(
         model,
         optimizer,
@@ -372,11 +363,6 @@ def setup_training(
         num_data_shards=partitioner.data_axis_size,
     )
     state_shardings = partitioner.shardings(trainer.logical_state())
-    abstract_state = jax.tree.map(
-        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-        jax.eval_shape(trainer.init_state, jax.random.key(0)),
-        state_shardings,
-    )
     init_key, dropout_key = jax.random.split(jax.random.key(seed))
     init_state = partitioner.partition(
         lambda: trainer.init_state(init_key), in_shardings=(), out_shardings=state_shardings
@@ -391,11 +377,42 @@ def setup_training(
         trainer=trainer,
         partitioner=partitioner,
         state_shardings=state_shardings,
-        abstract_state=abstract_state,
+        abstract_state=abstract_state(trainer, state_shardings),
         init_state=init_state,
         train_step=train_step,
         init_key=init_key,
         dropout_key=dropout_key,
+    )
+
+
+def checked_mesh(
+    batch_size: int,
+    num_microbatches: int,
+    num_partitions: int,
+    logical_axis_rules: Sequence[tuple[str, str | None]],
+) -> partitioning.Partitioner:
+    """The run's (data, model) mesh, once its data axis and `num_microbatches` divide the batch.
+
+    Raises:
+      ValueError: a bad `num_partitions` or batch size (`config.ConfigError` for the
+        microbatches).
+    """
+    partitioner = partitioning.Partitioner(num_partitions, logical_axis_rules)
+    partitioner.check_batch_size(batch_size)
+    config.check(
+        batch_size % (num_microbatches * partitioner.data_axis_size) == 0,
+        f"The batch size {batch_size} must be a multiple of num_microbatches "
+        f"({num_microbatches}) × the data axis size ({partitioner.data_axis_size}).",
+    )
+    return partitioner
+
+
+def abstract_state(trainer: trainer_lib.Trainer, state_shardings: Any) -> Any:
+    """The `TrainState` as `jax.ShapeDtypeStruct`s with its shardings (a restore's target)."""
+    return jax.tree.map(
+        lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+        jax.eval_shape(trainer.init_state, jax.random.key(0)),
+        state_shardings,
     )
 
 
@@ -499,47 +516,25 @@ def train(
     if os.path.isdir(checkpoint_dir):
         checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)
     try:
-        try:
-            mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
-            model = model.for_task(mixture_or_task)
-            setup = setup_training(
-                model=model,
+        run = prepare_run(
+            mixture_or_task_name,
+            model,
+            sequence_length=sequence_length,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            eval_split=eval_split,
+            max_eval_examples=max_eval_examples,
+            pack=pack,
+            setup_arguments=dict(
                 optimizer=optimizer,
                 learning_rate=learning_rate,
                 sam=sam,
-                batch_size=batch_size,
                 num_microbatches=num_microbatches,
                 num_partitions=num_partitions,
                 logical_axis_rules=logical_axis_rules,
                 seed=seed,
-            )
-            setup.partitioner.check_batch_size(eval_batch_size)
-            evaluate = evaluation.make_evaluator(
-                setup.trainer,
-                setup.partitioner,
-                setup.state_shardings.params,
-                data.eval_tasks(
-                    mixture_or_task_name,
-                    sequence_length=sequence_length,
-                    batch_size=eval_batch_size,
-                    split=eval_split,
-                    max_examples=max_eval_examples,
-                    feature_converter=model.feature_converter(mixture_or_task, pack=False),
-                ),
-                sequence_length,
-            )
-            batch_arguments = dict(
-                mixture_or_task_name=mixture_or_task_name,
-                sequence_length=sequence_length,
-                global_batch_size=batch_size,
-                seed=seed,
-                feature_converter=model.feature_converter(mixture_or_task, pack),
-                shard_id=setup.partitioner.data_layout.shard_id,
-                num_shards=setup.partitioner.data_layout.num_shards,
-            )
-        except (ValueError, TypeError) as error:
-            raise config.ConfigError(config.one_line(error)) from error
-        logging.info("%s; %s", setup.partitioner, model)
+            ),
+        )
         restart = check_restart(
             model_dir,
             checkpointer and checkpointer.latest_step(),
@@ -547,68 +542,175 @@ def train(
             eval_only=eval_only,
             allow_config_change=allow_config_change,
         )
-
         start = start_state(
-            setup,
+            run.setup,
             checkpointer,
             initial_checkpoint_path,
             model_dir,
-            batch_arguments=None if eval_only else batch_arguments,
+            batch_arguments=None if eval_only else run.batch_arguments,
         )
-        first_batch = None if eval_only else checked_first_batch(setup, start.batches)
-        is_chief = jax.process_index() == 0
+        first_batch = None if eval_only else checked_first_batch(run.setup, start.batches)
         if checkpointer is None:
             checkpointer = checkpoints.Checkpointer(checkpoint_dir, max_to_keep=keep_checkpoints)
-        if start.fell_back or checkpointer.best_was_damaged:
-            checkpointer.rebuild_best(eval_history(model_dir, start.step))
-        if is_chief:
-            restart.write()
-        final_step = start.step if eval_only else max(train_steps, start.step)
-        with (
-            summaries.Summaries(
-                model_dir,
-                total_steps=final_step,
-                start_step=start.step,
-                enabled=is_chief,
-                log_period=log_period,
-                progress_bar=progress_bar,
-            ) as writer,
-            StopSignals() as stop,
-        ):
-            loop = TrainLoop(
-                setup,
-                checkpointer,
-                writer,
-                evaluate,
+        record_start(checkpointer, start, restart, model_dir, eval_only=eval_only)
+        result = run_from(
+            start,
+            first_batch,
+            run,
+            checkpointer,
+            model_dir=model_dir,
+            final_step=start.step if eval_only else max(train_steps, start.step),
+            summaries_arguments=dict(log_period=log_period, progress_bar=progress_bar),
+            loop_arguments=dict(
                 batch_size=batch_size,
                 eval_period=eval_period,
                 checkpoint_period=checkpoint_period,
-            )
-            step = start.step
-            if eval_only:
-                loop.evaluate(step, start.state)
-            else:
-                batches = itertools.chain([first_batch], start.batches)
-                _, step = loop.run(start.state, step, final_step, batches, start.batches, stop)
+            ),
+        )
         checkpointer.wait_until_finished()
     finally:
         if checkpointer is not None:
             checkpointer.close()
-
-    result = TrainResult(
-        step=step,
-        eval=loop.last_eval,
-        best=loop.best,
-        seconds_per_step=writer.seconds_per_step(),
-        stopped_by=stop.name,
-    )
-    if is_chief:
+    if jax.process_index() == 0:
         summaries.plot_history(
             summaries.read_history(model_dir),
             os.path.join(model_dir, summaries.CURVES_FILE),
             title=f"{mixture_or_task_name} ({model_dir})",
         )
     return result
+
+
+class PreparedRun(NamedTuple):
+    """What `train` builds from its arguments before it reads MODEL_DIR.
+
+    Attributes:
+      setup: the `TrainSetup` (the model fitted to the task).
+      evaluate: `evaluate(params) -> {'<task>/<metric>': value}`.
+      batch_arguments: the keyword arguments of `data.train_batches` for this process.
+    """
+
+    setup: TrainSetup
+    evaluate: Callable[[Any], dict[str, float]]
+    batch_arguments: dict[str, Any]
+
+
+def prepare_run(
+    mixture_or_task_name: str,
+    model: task_models.TaskModel,
+    *,
+    sequence_length: Mapping[str, int],
+    batch_size: int,
+    eval_batch_size: int,
+    eval_split: str,
+    max_eval_examples: int | None,
+    pack: bool,
+    setup_arguments: Mapping[str, Any],
+) -> PreparedRun:
+    """The task's model, its `TrainSetup`, evaluator and input arguments (`train`'s names).
+
+    `setup_arguments` are `setup_training`'s other arguments. Nothing is read or
+    written in MODEL_DIR; nothing is compiled.
+
+    Raises:
+      config.ConfigError: the task, the model, the mesh or a batch size rejects the
+        arguments (their ValueError or TypeError, on one line).
+    """
+    try:
+        mixture_or_task = data.get_mixture_or_task(mixture_or_task_name)
+        model = model.for_task(mixture_or_task)
+        setup = setup_training(model=model, batch_size=batch_size, **setup_arguments)
+        setup.partitioner.check_batch_size(eval_batch_size)
+        evaluate = evaluation.make_evaluator(
+            setup.trainer,
+            setup.partitioner,
+            setup.state_shardings.params,
+            data.eval_tasks(
+                mixture_or_task_name,
+                sequence_length=sequence_length,
+                batch_size=eval_batch_size,
+                split=eval_split,
+                max_examples=max_eval_examples,
+                feature_converter=model.feature_converter(mixture_or_task, pack=False),
+            ),
+            sequence_length,
+        )
+        batch_arguments = dict(
+            mixture_or_task_name=mixture_or_task_name,
+            sequence_length=sequence_length,
+            global_batch_size=batch_size,
+            seed=setup_arguments["seed"],
+            feature_converter=model.feature_converter(mixture_or_task, pack),
+            shard_id=setup.partitioner.data_layout.shard_id,
+            num_shards=setup.partitioner.data_layout.num_shards,
+        )
+    except (ValueError, TypeError) as error:
+        raise config.ConfigError(config.one_line(error)) from error
+    logging.info("%s; %s", setup.partitioner, model)
+    return PreparedRun(setup, evaluate, batch_arguments)
+
+
+def run_from(
+    start: "Start",
+    first_batch: dict[str, Any] | None,
+    run: PreparedRun,
+    checkpointer: checkpoints.Checkpointer,
+    *,
+    model_dir: str,
+    final_step: int,
+    summaries_arguments: Mapping[str, Any],
+    loop_arguments: Mapping[str, Any],
+) -> TrainResult:
+    """Trains from `start` to `final_step`, or evaluates it (without `first_batch`).
+
+    Opens the run's summaries (`summaries.Summaries(model_dir, ...,
+    **summaries_arguments)`, written by process 0), stops on SIGTERM or SIGINT
+    (`StopSignals`) and runs the `TrainLoop(..., **loop_arguments)`.
+    """
+    with (
+        summaries.Summaries(
+            model_dir,
+            total_steps=final_step,
+            start_step=start.step,
+            enabled=jax.process_index() == 0,
+            **summaries_arguments,
+        ) as writer,
+        StopSignals() as stop,
+    ):
+        loop = TrainLoop(run.setup, checkpointer, writer, run.evaluate, **loop_arguments)
+        step = start.step
+        if first_batch is None:
+            loop.evaluate(step, start.state)
+        else:
+            batches = itertools.chain([first_batch], start.batches)
+            _, step = loop.run(start.state, step, final_step, batches, start.batches, stop)
+    return TrainResult(
+        step=step,
+        eval=loop.last_eval,
+        best=loop.best,
+        seconds_per_step=writer.seconds_per_step(),
+        stopped_by=stop.name,
+    )
+
+
+def record_start(
+    checkpointer: checkpoints.Checkpointer,
+    start: "Start",
+    restart: "Restart",
+    model_dir: str,
+    *,
+    eval_only: bool,
+) -> None:
+    """What a checked start writes: damaged steps set aside, the best table, the config.
+
+    After a fallback (or with an unreadable best table) the best-checkpoint table is
+    rebuilt from the eval history up to the step restored; process 0 writes the
+    start's config file (`Restart.write`).
+    """
+    set_aside_damaged(checkpointer, start, training=not eval_only)
+    if start.damaged or checkpointer.best_was_damaged:
+        checkpointer.rebuild_best(eval_history(model_dir, start.step))
+    if jax.process_index() == 0:
+        restart.write(start.step)
 
 
 def _check_arguments(
@@ -623,10 +725,7 @@ def _check_arguments(
 ) -> None:
     """`train`'s checks of its arguments alone (ConfigError), before anything is read."""
     config.check(bool(model_dir), "MODEL_DIR is not set: pass --gin.MODEL_DIR=\"'/path/to/run'\".")
-    config.check(
-        not os.path.exists(model_dir) or os.path.isdir(model_dir),
-        f"MODEL_DIR {model_dir} is a file: pass a directory (a new one for a new run).",
-    )
+    config.check_model_dir(model_dir)
     config.check(bool(mixture_or_task_name), "MIXTURE_OR_TASK_NAME is not set.")
     config.check(
         model is not None, "No model: add a model gin file, e.g. gin/models/t5_1_1/tiny.gin."
@@ -678,21 +777,27 @@ RESTART_FREE_ARGUMENTS = frozenset(
 
 
 class Restart(NamedTuple):
-    """What a start of a run writes: its config (`gin.config_str()`) to `path`, if any.
+    """What a start of the run in `model_dir` writes: its config (`gin.config_str()`), if any.
 
     Attributes:
-      path: `config.gin` for a new run, `config_resume_<step>.gin` for a resumed
-        run whose config changed, `config_eval_<step>.gin` for an evaluation, or
-        None (a resumed run with the same config).
+      model_dir: the run's directory.
+      name: the config file's name, `{step}` standing for the step the run starts
+        from (the checkpoint restored, older than the latest after a fallback):
+        `config.gin` for a new run, `config_resume_{step}.gin` for a resumed run
+        whose config changed, `config_eval_{step}.gin` for an evaluation, or None
+        (a resumed run with the same config).
       text: the config.
     """
 
-    path: str | None
+    model_dir: str
+    name: str | None
     text: str
 
-    def write(self) -> None:
-        if self.path is not None:
-            with open(self.path, "w", encoding="utf-8") as f:
+    def write(self, step: int) -> None:
+        """Writes the config of a start from `step`."""
+        if self.name is not None:
+            path = os.path.join(self.model_dir, self.name.format(step=step))
+            with open(path, "w", encoding="utf-8") as f:
                 f.write(self.text)
 
 
@@ -719,20 +824,23 @@ def check_restart(
 ) -> Restart:
     """Checks a start of the run in `model_dir` whose latest checkpoint is `step` (or None).
 
-    A resumed run (or an evaluation) compares its config with the one the run
-    trained with (`saved_config`): a changed binding other than a
-    `RESTART_FREE_ARGUMENTS` one is refused unless `allow_config_change`; the
-    changes are logged. TRAIN_STEPS below `step` is refused. Nothing is written.
+    It runs before the checkpoint is restored (a changed optimizer or model would
+    make the restore fail, less clearly). A resumed run (or an evaluation)
+    compares its config with the one the run trained with (`saved_config`): a
+    changed binding other than a `RESTART_FREE_ARGUMENTS` one is refused unless
+    `allow_config_change`; the changes are logged. TRAIN_STEPS below `step` is
+    refused. Nothing is written.
 
     Returns:
-      The `Restart`, whose config file the run writes once its input is checked.
+      The `Restart`, whose config file the run writes once its input is checked,
+      named after the step it restored (`Restart.write`).
 
     Raises:
       config.ConfigError: a refused change (with the diff) or TRAIN_STEPS below `step`.
     """
     current = gin.config_str()
     if step is None:
-        return Restart(os.path.join(model_dir, CONFIG_FILE), current)
+        return Restart(model_dir, CONFIG_FILE, current)
     config.check(
         eval_only or train_steps >= step,
         f"TRAIN_STEPS={train_steps} is below the step {step} of the checkpoint in {model_dir}: "
@@ -759,8 +867,8 @@ def check_restart(
     )
     if changes:
         logging.warning("Config changes since %s: %s.", saved_path, _listed(changes))
-    name = f"config_eval_{step}.gin" if eval_only else f"config_resume_{step}.gin"
-    return Restart(os.path.join(model_dir, name) if eval_only or changes else None, current)
+    name = "config_eval_{step}.gin" if eval_only else "config_resume_{step}.gin"
+    return Restart(model_dir, name if eval_only or changes else None, current)
 
 
 def _listed(changes: Sequence[config.ConfigChange], limit: int = 4) -> str:
@@ -784,13 +892,14 @@ class Start(NamedTuple):
       state: the `TrainState`.
       step: its step.
       batches: the training batches from `step` on (None for an evaluation).
-      fell_back: whether newer checkpoints could not be read.
+      damaged: the newer checkpoints that could not be read, newest first (still
+        in place: `set_aside_damaged`).
     """
 
     state: trainer_lib.TrainState
     step: int
     batches: data.TrainBatches | None
-    fell_back: bool
+    damaged: tuple[checkpoints.DamagedCheckpointError, ...] = ()
 
 
 def start_state(
@@ -803,13 +912,12 @@ def start_state(
     """The newest intact checkpoint of the run, else the pre-trained or a fresh state.
 
     Checkpoints are tried newest first: the state, and with `batch_arguments` (a
-    training run) the input position (`resume_batches`). A step that cannot be
-    read is reported in one line; a training run moves it aside
-    (`Checkpointer.set_aside`: renamed, never deleted) to save that step again.
+    training run) the input position (`resume_batches`). Nothing is written: the
+    steps that cannot be read are in `Start.damaged`.
 
     Raises:
-      config.ConfigError: no saved step can be read (nothing is moved), an
-        evaluation without a checkpoint, or a bad pre-trained checkpoint.
+      config.ConfigError: no saved step can be read, an evaluation without a
+        checkpoint, or a bad pre-trained checkpoint.
     """
     damaged: list[checkpoints.DamagedCheckpointError] = []
     for step in reversed(checkpointer.all_steps() if checkpointer else []):
@@ -822,20 +930,14 @@ def start_state(
                 batches = resume_batches(checkpointer, step, **batch_arguments)
         except checkpoints.DamagedCheckpointError as damage:
             error = damage
-        if not _on_every_process(error is None):  # each process reads its own shards
-            damaged.append(
-                error
-                or checkpoints.DamagedCheckpointError(
-                    checkpointer.directory, step, "another process cannot read it"
-                )
+        if _on_every_process(error is None):  # each process reads its own shards
+            return Start(state, step, batches, tuple(damaged))
+        damaged.append(
+            error
+            or checkpoints.DamagedCheckpointError(
+                checkpointer.directory, step, "another process cannot read it"
             )
-            continue
-        for error in damaged:
-            kept = "kept in place"
-            if batch_arguments is not None:
-                kept = f"kept as {checkpointer.set_aside(error.step)}"
-            logging.warning("%s; resuming from step %d instead (%s).", error, step, kept)
-        return Start(state, step, batches, fell_back=bool(damaged))
+        )
     config.check(
         not damaged,
         f"No checkpoint in {checkpointer and checkpointer.directory} can be restored ("
@@ -846,7 +948,18 @@ def start_state(
         batch_arguments is not None, f"eval_only: no checkpoint in {model_dir} to evaluate."
     )
     state = initial_state(setup, initial_checkpoint_path)
-    return Start(state, 0, data.train_batches(**batch_arguments), fell_back=False)
+    return Start(state, 0, data.train_batches(**batch_arguments))
+
+
+def set_aside_damaged(checkpointer: checkpoints.Checkpointer, start: Start, training: bool) -> None:
+    """Reports each of `start.damaged` in one line; a training run moves it aside.
+
+    A training run renames a damaged step (`Checkpointer.set_aside`: never deleted)
+    to save that step again; an evaluation leaves it in place.
+    """
+    for error in start.damaged:
+        kept = f"kept as {checkpointer.set_aside(error.step)}" if training else "kept in place"
+        logging.warning("%s; resuming from step %d instead (%s).", error, start.step, kept)
 
 
 def initial_state(setup: TrainSetup, initial_checkpoint_path: str | None):
@@ -984,89 +1097,6 @@ def final_table(result: TrainResult) -> str:
 # --------------------------------------------------------------------------- #
 
 
-class QuietLibraries(std_logging.Filter):
-    """Drops library log records that are noise in a training log.
-
-    Orbax, JAX, TensorFlow and seqio log every step of a save or of a dataset's
-    set-up at INFO; gin's resource reader logs an ERROR for every search path
-    that does not hold a gin file it then finds in the next one; seqio warns
-    that an uncached training dataset may be shuffled differently on restarts
-    (the order here is deterministic and its position is saved with every
-    checkpoint) and that a mixture's rates count input examples (for every
-    uncached task).
-    """
-
-    INFO_LIBRARIES = tuple(
-        f"{os.sep}{package}{os.sep}"
-        for package in ("orbax", os.path.join("jax", "_src"), "seqio", "tensorflow")
-    )
-    GIN_LOOKUPS = f"{os.sep}gin{os.sep}resource_reader.py"
-    SEQIO_WARNINGS = (
-        "Using an uncached FunctionDataset for training",
-        "not cached so using number of input examples",
-    )
-
-    def filter(self, record: std_logging.LogRecord) -> bool:
-        if record.pathname.endswith(self.GIN_LOOKUPS):
-            return False
-        if f"{os.sep}seqio{os.sep}" in record.pathname and any(
-            warning in str(record.msg) for warning in self.SEQIO_WARNINGS
-        ):
-            return False
-        return record.levelno >= std_logging.WARNING or not any(
-            library in record.pathname for library in self.INFO_LIBRARIES
-        )
-
-
-class QuietNativeLogs:
-    """Drops the lines native libraries write to stderr that a user cannot act on (a context).
-
-    TensorFlow's tokenizer ops log 'precompiled_charsmap is empty' for every
-    SentencePiece vocabulary they load, TensorFlow an ERROR that CUDA is absent
-    on a CPU machine and a WARNING for every partly read cached dataset. C++
-    writes to file descriptor 2 directly, so inside the context fd 2 is a pipe
-    that a thread copies to the real stderr, line by line, without those lines;
-    Python's `sys.stderr` (logging, the progress bar) writes to the real stderr.
-    """
-
-    NOISE = re.compile(
-        rb"precompiled_charsmap is empty|failed call to cuInit|cache_dataset_ops\.cc.*"
-        rb"did not fully read the dataset"
-    )
-
-    def __enter__(self) -> "QuietNativeLogs":
-        sys.stderr.flush()
-        self._stderr_fd = os.dup(2)
-        self._python_stderr = sys.stderr
-        read_fd, write_fd = os.pipe()
-        os.dup2(write_fd, 2)
-        os.close(write_fd)
-        sys.stderr = open(os.dup(self._stderr_fd), "w", buffering=1, closefd=True)
-        for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
-            if getattr(handler, "stream", None) is self._python_stderr:
-                handler.setStream(sys.stderr)
-        self._copier = threading.Thread(target=self._copy, args=(read_fd,), daemon=True)
-        self._copier.start()
-        return self
-
-    def _copy(self, read_fd: int) -> None:
-        with open(read_fd, "rb") as lines:
-            for line in lines:
-                if not self.NOISE.search(line):
-                    os.write(self._stderr_fd, line)
-
-    def __exit__(self, *exc_info) -> None:
-        sys.stderr.flush()
-        os.dup2(self._stderr_fd, 2)  # closes the pipe's last write end: the copier ends
-        self._copier.join(timeout=5)
-        for handler in std_logging.getLogger().handlers + [logging.get_absl_handler()]:
-            if getattr(handler, "stream", None) is sys.stderr:
-                handler.setStream(self._python_stderr)
-        sys.stderr.close()
-        sys.stderr = self._python_stderr
-        os.close(self._stderr_fd)
-
-
 def run(argv: Sequence[str]) -> TrainResult:
     """The body of `main` after flag parsing and `initialize_distributed`.
 
@@ -1079,7 +1109,9 @@ def run(argv: Sequence[str]) -> TrainResult:
         logging.set_verbosity(logging.WARNING)
     for module in _MODULE_IMPORTS.value:
         importlib.import_module(module)
-    config.parse_gin(_GIN_FILES.value, _GIN_BINDINGS.value, _GIN_SEARCH_PATHS.value)
+    config.parse_gin(
+        config.GIN_FILES.value, config.GIN_BINDINGS.value, config.GIN_SEARCH_PATHS.value
+    )
     result = train(allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     if jax.process_index() == 0:
         print(final_table(result), flush=True)
@@ -1108,19 +1140,17 @@ def _main(argv: Sequence[str]) -> None:
     sys.exit(exit_status(result))
 
 
-HELP_FLAGS = ("-h", "-?", "--help", "--helpshort")
-
-
 def flags_parser(usage: str) -> Callable[[Sequence[str]], list[str]]:
     """absl's flag parsing after `--gin.NAME=VALUE` rewriting, for `app.run`.
 
-    --help prints `usage` and this module's flags (the gin and run flags that
-    sam_jax.train and sam_jax.reproduce share) and exits 0.
+    --help prints `usage` and the gin flags (`sam_jax.config`) and this module's
+    run flags, which sam_jax.train and sam_jax.reproduce share, and exits 0.
     """
 
     def parse(argv: Sequence[str]) -> list[str]:
-        if any(arg in HELP_FLAGS for arg in argv[1:]):
-            print(f"{usage}\n{flags.FLAGS.module_help(sys.modules[__name__])}")
+        if any(arg in config.HELP_FLAGS for arg in argv[1:]):
+            modules = (config, sys.modules[__name__])
+            print("\n".join([usage, *(flags.FLAGS.module_help(m) for m in modules)]))
             sys.exit(0)
         try:
             return app.parse_flags_with_usage(config.rewrite_gin_args(argv))

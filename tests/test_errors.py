@@ -43,14 +43,46 @@ def test_a_missing_dependency_of_sam_jax_train_is_one_line_naming_the_extra():
     )
 
 
+def without_module(tmp_path, name):
+    """A PYTHONPATH entry whose package `name` fails to import as a missing module does."""
+    package = tmp_path / "blocked" / name
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(
+        f'raise ModuleNotFoundError("No module named {name!r}", name={name!r})\n'
+    )
+    return str(tmp_path / "blocked")
+
+
+@pytest.mark.parametrize("module", ["train", "reproduce"])
+def test_python_m_without_the_train_extra_is_one_line_naming_the_extra(tmp_path, module):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["PYTHONPATH"] = os.pathsep.join([without_module(tmp_path, "gin"), REPO])
+    out = subprocess.run(
+        [sys.executable, "-m", f"sam_jax.{module}", "--gin.MODEL_DIR='/tmp/x'"],
+        env=env,
+        cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        f"error: sam_jax_{module} needs the [train] extra (gin is not installed): "
+        'pip install "sam_jax[train]"'
+    )
+
+
 def test_a_console_script_runs_its_module_main(tmp_path, monkeypatch):
     (tmp_path / "fake_cli.py").write_text("CALLS = []\ndef main():\n    CALLS.append(1)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["fake_cli"])
     errors.console_script("fake_cli", "train")()
     assert sys.modules["fake_cli"].CALLS == [1]
 
 
-def test_a_missing_sam_jax_module_is_a_bug_not_a_missing_extra():
+def test_a_missing_sam_jax_module_is_a_bug_not_a_missing_extra(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["sam_jax_no_such_module"])
     with pytest.raises(ModuleNotFoundError, match="sam_jax.no_such_module"):
         errors.console_script("sam_jax.no_such_module", "train")()
 

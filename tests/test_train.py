@@ -121,6 +121,13 @@ def one_device_run(tmp_path_factory, compilation_cache):
 
 def test_cli_trains_evaluates_records_the_best_and_resumes(one_device_run, compilation_cache):
     model_dir, out = one_device_run
+    # TensorFlow's import notices are dropped (sam_jax.quiet.QuietNativeLogs).
+    for notice in (
+        "All log messages before absl::InitializeLog() is called",
+        "oneDNN custom operations are on",
+        "Could not find cuda drivers",
+    ):
+        assert notice not in out.stderr
     files = set(os.listdir(model_dir))
     assert {"config.gin", "metrics.jsonl", "curves.png", "checkpoints"} <= files
     assert any(name.startswith("events.out.tfevents") for name in files)
@@ -533,7 +540,8 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(
     delta_sam_run, tmp_path, caplog, damage
 ):
     """Step 3 damaged: the run resumes from step 2, says so in one line, keeps step 3's
-    files as 3.damaged and trains to step 4 exactly as the undamaged run does."""
+    files as 3.damaged, records its config as config_resume_2.gin and trains to step 4
+    exactly as the undamaged run does."""
     model_dir, reference = copy_of(delta_sam_run[0], tmp_path)[0], delta_sam_run[1]
     checkpoints = pathlib.Path(model_dir, train.CHECKPOINTS_SUBDIR)
     STEP_DAMAGE[damage](checkpoints / "3")
@@ -550,6 +558,11 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(
     }
     assert kept == {path: size for path, (size, _) in damaged_files.items()}
     assert saved_steps(model_dir) == [2, 3, 4]
+    # The resumed config (TRAIN_STEPS 3 → 4) is named after the step it resumed from.
+    assert sorted(n for n in os.listdir(model_dir) if n.endswith(".gin")) == [
+        "config.gin",
+        "config_resume_2.gin",
+    ]
     assert max_difference(final_params(model_dir, 4), reference) <= 1e-6
     history = summaries.read_history(model_dir)
     assert [r["step"] for r in history if "train" in r] == [1, 2, 3, 4]
@@ -726,6 +739,67 @@ def test_unquoted_strings_and_a_file_as_model_dir_are_named(tmp_path):
     a_file = write(tmp_path / "notes.txt", "not a run")
     with pytest.raises(run_config.ConfigError, match=r"MODEL_DIR .*notes\.txt is a file"):
         cli([*RUN_ARGS, *SAM_ARGS, f"--gin.MODEL_DIR='{a_file}'"])
+
+
+@pytest.mark.parametrize(
+    "binding, message",
+    [
+        (
+            "--gin.train.eval_perod=5",
+            "error: gin binding 'train.eval_perod = 5': Configurable 'train' doesn't have a "
+            "parameter named 'eval_perod'. Did you mean eval_period",
+        ),
+        (
+            "--gin.trian.eval_period=5",
+            "error: gin binding 'trian.eval_period = 5': No configurable matching 'trian'. "
+            "Did you mean train?",
+        ),
+        (
+            "--gin.train.optimizer=@optax.adamww",
+            "error: gin binding 'train.optimizer = @optax.adamww': No configurable matching "
+            "reference '@optax.adamww'. Did you mean optax.adamw?",
+        ),
+    ],
+    ids=["parameter", "configurable", "reference"],
+)
+def test_a_misspelt_name_is_one_line_with_the_close_names(tmp_path, binding, message):
+    out = run_command(
+        ["--gin_file=runs/demo.gin", binding], tmp_path / "run", {}, expect_success=False
+    )
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(message)
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gin.TRAIN_STEPS="], "--gin.TRAIN_STEPS has no value: pass --gin.TRAIN_STEPS=VALUE "),
+        (["--gin.MODEL_DIR=/tmp/x"], "--gin.MODEL_DIR=/tmp/x: strings need quotes: pass "),
+        (["--gin_file=missing.gin"], "Unable to open file: missing.gin is not in the cwd or "),
+        (["--gin.MODEL_DIR='{a_file}'"], "MODEL_DIR {a_file} is a file: pass a directory"),
+    ],
+    ids=["no_value", "unquoted", "missing_file", "model_dir_a_file"],
+)
+def test_flag_and_file_mistakes_are_found_before_the_trainer_is_imported(tmp_path, args, message):
+    """With seqio unimportable, these errors still come: the command checks them first."""
+    seqio_blocked = tmp_path / "blocked" / "seqio"
+    seqio_blocked.mkdir(parents=True)
+    (seqio_blocked / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'seqio'\", name='seqio')\n"
+    )
+    a_file = write(tmp_path / "notes.txt", "not a run")
+    env = process_env(1)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "blocked"), env["PYTHONPATH"]])
+    command = [sys.executable, "-m", "sam_jax.train", "--gin_file=runs/demo.gin"]
+    command += [arg.format(a_file=a_file) for arg in args]
+    out = subprocess.run(
+        command, env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 1
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith("error: " + message.format(a_file=a_file)), line
 
 
 def test_eval_gin_writes_its_own_config_and_keeps_the_training_one(delta_sam_run):
