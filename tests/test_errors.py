@@ -26,21 +26,31 @@ errors.train_script()
 """
 
 
-def test_a_missing_dependency_of_sam_jax_train_is_one_line_naming_the_extra():
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+def missing_extra_run(args, python_path, cwd=None):
+    """(exit status, stripped stderr) of `python *args` with the [train] extra missing."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=python_path)
     out = subprocess.run(
-        [sys.executable, "-c", WITHOUT_THE_TRAIN_EXTRA],
+        [sys.executable, *args],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=300,
         check=False,
     )
-    assert out.returncode == 1
-    assert out.stderr.strip() == (
-        "error: sam_jax_train needs the [train] extra (gin is not installed): "
+    return out.returncode, out.stderr.strip()
+
+
+def extra_message(program):
+    return (
+        f"error: {program} needs the [train] extra (gin is not installed): "
         'pip install "sam_jax[train]"'
     )
+
+
+def test_a_missing_dependency_of_sam_jax_train_is_one_line_naming_the_extra():
+    status, stderr = missing_extra_run(["-c", WITHOUT_THE_TRAIN_EXTRA], REPO)
+    assert (status, stderr) == (1, extra_message("sam_jax_train"))
 
 
 def without_module(tmp_path, name):
@@ -55,22 +65,11 @@ def without_module(tmp_path, name):
 
 @pytest.mark.parametrize("module", ["train", "reproduce"])
 def test_python_m_without_the_train_extra_is_one_line_naming_the_extra(tmp_path, module):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["PYTHONPATH"] = os.pathsep.join([without_module(tmp_path, "gin"), REPO])
-    out = subprocess.run(
-        [sys.executable, "-m", f"sam_jax.{module}", "--gin.MODEL_DIR='/tmp/x'"],
-        env=env,
-        cwd=str(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
+    python_path = os.pathsep.join([without_module(tmp_path, "gin"), REPO])
+    status, stderr = missing_extra_run(
+        ["-m", f"sam_jax.{module}", "--gin.MODEL_DIR='/tmp/x'"], python_path, cwd=str(tmp_path)
     )
-    assert out.returncode == 1
-    assert out.stderr.strip() == (
-        f"error: sam_jax_{module} needs the [train] extra (gin is not installed): "
-        'pip install "sam_jax[train]"'
-    )
+    assert (status, stderr) == (1, extra_message(f"sam_jax_{module}"))
 
 
 def test_a_console_script_runs_its_module_main(tmp_path, monkeypatch):
