@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import packed_slots
 import pytest
 import reference
 import trees
@@ -294,31 +295,10 @@ def test_aux_of_the_descent_pass_is_stacked_over_groups_and_microbatches():
 
 def test_rows_of_example_slots_with_a_present_mask_equal_the_examples_alone():
     """Losses [N, S] (packed rows of up to S examples) with absent slots marked."""
-    params, _ = reference.make_problem(num_examples=8)
-    present = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]] * 2, bool)  # 14 examples
-    slot_x = np.zeros((8, 3, 5), np.float32)
-    slot_y = np.zeros((8, 3), np.float32)
-    rng = np.random.default_rng(3)
-    examples_x = rng.normal(size=(14, 5)).astype(np.float32)
-    examples_y = rng.normal(size=(14,)).astype(np.float32)
-    slot_x[present], slot_y[present] = examples_x, examples_y
-    packed = {"x": jnp.asarray(slot_x), "y": jnp.asarray(slot_y), "present": jnp.asarray(present)}
-
-    def slot_losses(p, b, key):
-        losses = reference.loss_fn(p, (b["x"].reshape(-1, 5), b["y"].reshape(-1)), key)
-        return jnp.where(b["present"], losses.reshape(b["y"].shape), 0.0)
-
-    config = core.SamConfig(rho=0.05)
-    result = core.sam_gradient(
-        slot_losses,
-        params,
-        packed,
-        None,
-        core.sam_gradient_init(params, config),
-        config,
-        present_of=lambda b: b["present"],
-    )
+    params, slot_x, slot_y = packed_slots.packed_problem(seed=3)
+    result = packed_slots.slot_sam_gradient(params, slot_x, slot_y, core.SamConfig(rho=0.05))
     w, b = reference.to_np(params)
+    examples_x, examples_y = slot_x[packed_slots.PRESENT], slot_y[packed_slots.PRESENT]
     gw, gb = reference.np_sam_gradient(w, b, examples_x, examples_y, 0.05)
     # The descent objective is the mean over all 24 slots: Σ over the 14 examples / 24.
     np.testing.assert_allclose(result.grads["w"], gw * 14 / 24, rtol=1e-5)

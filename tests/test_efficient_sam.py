@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import packed_slots
 import pytest
 import reference
 import trees
@@ -218,29 +219,11 @@ def test_esam_and_gsam_compose():
 
 
 def test_data_selection_on_packed_rows_ranks_rows_by_their_summed_rise():
-    params, _ = reference.make_problem(num_examples=8)
-    present = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]] * 2, bool)
-    rng = np.random.default_rng(4)
-    slot_x, slot_y = np.zeros((8, 3, 5), np.float32), np.zeros((8, 3), np.float32)
-    slot_x[present] = rng.normal(size=(14, 5))
-    slot_y[present] = rng.normal(size=(14,))
-    packed = {"x": jnp.asarray(slot_x), "y": jnp.asarray(slot_y), "present": jnp.asarray(present)}
-
-    def slot_losses(p, b, key):
-        losses = reference.loss_fn(p, (b["x"].reshape(-1, 5), b["y"].reshape(-1)), key)
-        return jnp.where(b["present"], losses.reshape(b["y"].shape), 0.0)
-
+    params, slot_x, slot_y = packed_slots.packed_problem(seed=4)
     rho = 0.5
     config = core.SamConfig(rho=rho, esam=sam_jax.esam(beta=1.0, gamma=0.5))
-    result = core.sam_gradient(
-        slot_losses,
-        params,
-        packed,
-        None,
-        core.sam_gradient_init(params, config),
-        config,
-        present_of=lambda b: b["present"],
-    )
+    result = packed_slots.slot_sam_gradient(params, slot_x, slot_y, config)
+    present = packed_slots.PRESENT
     w, b = reference.to_np(params)
     x, y = slot_x[present].astype(np.float64), slot_y[present].astype(np.float64)
     gw, gb = reference.np_weighted_grad(w, b, x, y, np.full(14, 1 / 14))

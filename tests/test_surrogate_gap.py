@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import packed_slots
 import pytest
 import reference
 import trees
@@ -139,28 +140,10 @@ def test_gsam_with_a_fisher_mask_uses_the_masked_perturbation():
 
 def test_gsam_on_packed_rows_equals_gsam_on_the_examples_alone():
     """The descent averages over all slots, g over the present ones: GSAM compares the two alike."""
-    params, _ = reference.make_problem(num_examples=8)
-    present = np.array([[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 0, 0]] * 2, bool)  # 14 examples
-    rng = np.random.default_rng(3)
-    slot_x, slot_y = np.zeros((8, 3, 5), np.float32), np.zeros((8, 3), np.float32)
-    slot_x[present] = rng.normal(size=(14, 5))
-    slot_y[present] = rng.normal(size=(14,))
-    packed = {"x": jnp.asarray(slot_x), "y": jnp.asarray(slot_y), "present": jnp.asarray(present)}
-
-    def slot_losses(p, b, key):
-        losses = reference.loss_fn(p, (b["x"].reshape(-1, 5), b["y"].reshape(-1)), key)
-        return jnp.where(b["present"], losses.reshape(b["y"].shape), 0.0)
-
+    params, slot_x, slot_y = packed_slots.packed_problem(seed=3)
     config = core.SamConfig(rho=0.05, surrogate_gap=sam_jax.gsam(0.5))
-    result = core.sam_gradient(
-        slot_losses,
-        params,
-        packed,
-        None,
-        core.sam_gradient_init(params, config),
-        config,
-        present_of=lambda b: b["present"],
-    )
+    result = packed_slots.slot_sam_gradient(params, slot_x, slot_y, config)
+    present = packed_slots.PRESENT
     w, b = reference.to_np(params)
     x, y = slot_x[present].astype(np.float64), slot_y[present].astype(np.float64)
     perturbed = _flat(*reference.np_sam_gradient(w, b, x, y, 0.05))
