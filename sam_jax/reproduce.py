@@ -141,10 +141,9 @@ def protocol(
         task may bind its own TRAIN_STEPS (and LEARNING_RATE, ...), as FSAM's
         per-task epochs (gin/reproduce/fsam_glue.gin).
       transfers: {task: source task}: the task's runs start from the last
-        checkpoint of the source task's run with the same variant (and sweep
-        setting), fraction and seed (INITIAL_CHECKPOINT_PATH = that run's
-        MODEL_DIR; an encoder gets a new head), as FSAM's task transfer from QNLI
-        (gin/reproduce/fsam_transfer.gin). A source is listed before its tasks.
+        checkpoint of the source's run of the same variant, sweep setting, fraction
+        and seed (INITIAL_CHECKPOINT_PATH; an encoder gets a new head), as
+        gin/reproduce/fsam_transfer.gin. A source comes before its tasks in `tasks`.
       variants: 'plain' or the name of a gin/sam file ('sam', 'delta_sam', 'fsam', ...).
       sweeps: {variant: {macro: [values]}}: the variant runs once per combination
         (e.g. {'delta_sam': {'RHO': [0.01, 0.05], 'ETA': [1e-4, 1e-3]}}); swept
@@ -166,8 +165,7 @@ def protocol(
       The `Protocol`.
 
     Raises:
-      ConfigError: for an unknown variant (in `variants` or `sweeps`) or analysis,
-        a fraction outside (0, 1], no seeds, or TRAIN_STEPS < 1.
+      ConfigError: for the first setting that cannot run (`check_protocol`).
     """
     chosen = Protocol(
         name=name,
@@ -193,7 +191,13 @@ def protocol(
 
 
 def check_protocol(protocol: Protocol) -> None:
-    """ConfigError for the first setting of `protocol` that cannot run (see `protocol`)."""
+    """ConfigError for the first setting of `protocol` that cannot run.
+
+    An unknown variant (in `variants` or `sweeps`) or analysis, no or repeated
+    seeds, a fraction outside (0, 1], TRAIN_STEPS or EVALUATIONS < 1, no tasks,
+    a transfer from a task not listed before its target, an OUTPUT_DIR that is a
+    file or a bucket.
+    """
     run_config.check(
         bool(protocol.variants), "VARIANTS is empty: name at least one, e.g. ['plain', 'sam']."
     )
